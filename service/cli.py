@@ -1,0 +1,58 @@
+"""The ``seqserve`` command: one entry point, one subcommand per job.
+
+Subcommands that need torch (train, export, build) import it only when they run, so the serving
+install answers ``seqserve serve`` and ``seqserve --help`` without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from service.exit_codes import CommandError, ExitCode
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from export.data_cli import add_data_commands
+    from export.train_cli import add_training_commands
+    from service.commands import add_serving_commands
+
+    parser = argparse.ArgumentParser(
+        prog="seqserve",
+        description="Train, export, serve and compare LSTM and Transformer text classifiers.",
+        epilog="Exit codes: " + ", ".join(f"{c.value} {c.name.lower()}" for c in ExitCode),
+    )
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_data_commands(commands)
+    add_training_commands(commands)
+    add_serving_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args))
+    except CommandError as error:
+        if args.debug:
+            logging.exception("command failed")
+        print(f"seqserve: error: {error}", file=sys.stderr)
+        return int(error.code)
+    except KeyboardInterrupt:
+        print("seqserve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

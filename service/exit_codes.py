@@ -1,0 +1,22 @@
+"""Process exit codes of the ``seqserve`` command, documented in the README."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1  # unexpected error (a bug: please report it with the traceback from --debug)
+    USAGE = 2  # bad command line (argparse's own code)
+    DATA_ERROR = 3  # dataset, run directory or manifest unusable
+    SERVER_ERROR = 4  # the server answered with an error, or could not be reached
+    GATE_FAILED = 5  # export refused: a parity, precision or accuracy gate failed
+    IO_ERROR = 6  # the filesystem refused (permissions, disk full, version already exists)
+    MISSING_EXTRA = 7  # the command needs the `train` extra (torch), which is not installed
+
+
+class CommandError(Exception):
+    """A failure that ends the command with a one-line reason on stderr and a given exit code."""
+
+    def __init__(self, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.code = code

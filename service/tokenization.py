@@ -1,0 +1,78 @@
+"""Turning texts into the ``input_ids`` / ``attention_mask`` pair every architecture takes.
+
+The same code runs at evaluation time in the exporter and at serving time, so a model is served
+with exactly the token ids it was evaluated on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+PAD_TOKEN = "[PAD]"
+UNK_TOKEN = "[UNK]"
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Right-padded to the longest row of this batch (not to max_length)."""
+
+    input_ids: np.ndarray  # int64 [batch, sequence]
+    attention_mask: np.ndarray  # int64 [batch, sequence]
+    lengths: np.ndarray  # int64 [batch]
+    truncated: np.ndarray  # bool [batch]
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, max_length: int) -> None:
+        if tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
+            raise ValueError(f"tokenizer must map {PAD_TOKEN} to id {PAD_ID}")
+        unk_id = tokenizer.token_to_id(UNK_TOKEN)
+        if unk_id is None:
+            raise ValueError(f"tokenizer has no {UNK_TOKEN} token")
+        self.max_length = max_length
+        self._unk_id = unk_id
+        self._tokenizer = tokenizer
+        # Padding is done here in numpy; the tokenizer only truncates.
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length)
+
+    @classmethod
+    def from_file(cls, path: Path, max_length: int) -> TextTokenizer:
+        return cls(Tokenizer.from_file(str(path)), max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    def token_ids(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids per text (truncated to max_length) and whether each was truncated."""
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        # A text made only of characters the normaliser strips still needs one token: every
+        # architecture pools over at least one real position.
+        ids = [enc.ids or [self._unk_id] for enc in encodings]
+        truncated = [bool(enc.overflowing) for enc in encodings]
+        return ids, truncated
+
+    def encode_batch(self, texts: list[str]) -> EncodedBatch:
+        ids, truncated = self.token_ids(texts)
+        return pad_batch(ids, truncated)
+
+
+def pad_batch(ids: list[list[int]], truncated: list[bool] | None = None) -> EncodedBatch:
+    lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+    width = int(lengths.max()) if len(ids) else 0
+    input_ids = np.zeros((len(ids), width), dtype=np.int64)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = tokens
+    attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+    flags = np.asarray(truncated if truncated is not None else [False] * len(ids), dtype=bool)
+    return EncodedBatch(input_ids, attention_mask, lengths, flags)
