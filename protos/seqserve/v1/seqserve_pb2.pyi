@@ -1,0 +1,193 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_DRAINING: _ClassVar[ModelState]
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_DRAINING: ModelState
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("model", "version", "texts", "top_k", "id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., texts: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "score")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class TextResult(_message.Message):
+    __slots__ = ("label", "score", "top", "token_count", "truncated")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    score: float
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    token_count: int
+    truncated: bool
+    def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., token_count: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_us", "tokenize_us", "inference_us", "total_us", "batch_size", "batches")
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZE_US_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_US_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    queue_us: int
+    tokenize_us: int
+    inference_us: int
+    total_us: int
+    batch_size: int
+    batches: int
+    def __init__(self, queue_us: _Optional[int] = ..., tokenize_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., batches: _Optional[int] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("model", "version", "architecture", "precision", "device", "results", "timing", "id")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    architecture: str
+    precision: str
+    device: str
+    results: _containers.RepeatedCompositeFieldContainer[TextResult]
+    timing: Timing
+    id: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., results: _Optional[_Iterable[_Union[TextResult, _Mapping]]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., id: _Optional[str] = ...) -> None: ...
+
+class StreamError(_message.Message):
+    __slots__ = ("code", "message", "id")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    id: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: ClassifyResponse
+    error: StreamError
+    def __init__(self, response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error: _Optional[_Union[StreamError, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class Evaluation(_message.Message):
+    __slots__ = ("dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy", "fp16_macro_f1", "fp16_agreement", "onnx_vs_torch_max_abs_diff")
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    FP32_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    FP32_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    FP16_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    FP16_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    FP16_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    ONNX_VS_TORCH_MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    dataset: str
+    split: str
+    examples: int
+    fp32_accuracy: float
+    fp32_macro_f1: float
+    fp16_accuracy: float
+    fp16_macro_f1: float
+    fp16_agreement: float
+    onnx_vs_torch_max_abs_diff: float
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., examples: _Optional[int] = ..., fp32_accuracy: _Optional[float] = ..., fp32_macro_f1: _Optional[float] = ..., fp16_accuracy: _Optional[float] = ..., fp16_macro_f1: _Optional[float] = ..., fp16_agreement: _Optional[float] = ..., onnx_vs_torch_max_abs_diff: _Optional[float] = ...) -> None: ...
+
+class FailedVersion(_message.Message):
+    __slots__ = ("version", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    available_versions: _containers.RepeatedScalarFieldContainer[int]
+    architecture: str
+    precision: str
+    device: str
+    providers: _containers.RepeatedScalarFieldContainer[str]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    max_length: int
+    state: ModelState
+    evaluation: Evaluation
+    load_seconds: float
+    created_at: str
+    failed_versions: _containers.RepeatedCompositeFieldContainer[FailedVersion]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ...) -> None: ...

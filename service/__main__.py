@@ -1,0 +1,7 @@
+"""``python -m service ...``: the same entry point as the ``seqserve`` command."""
+
+import sys
+
+from service.cli import main
+
+sys.exit(main())

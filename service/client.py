@@ -1,0 +1,259 @@
+"""A small typed client for seqserve.v1: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Results come back as plain dataclasses, and every failure as ``ClientError`` carrying the gRPC
+status code, so callers (the CLI, the benchmark, tests) never touch protobuf messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos.seqserve.v1 import seqserve_pb2 as pb
+from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+# Responses carry one result per text; leave room for large requests' answers.
+_OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20)]
+
+
+class ClientError(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> ClientError:
+        return cls(error.code(), error.details() or "")  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Classification:
+    label: str
+    score: float
+    top: list[tuple[str, float]]
+    token_count: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Server-side timings, in microseconds."""
+
+    queue_us: int
+    tokenize_us: int
+    inference_us: int
+    total_us: int
+    batch_size: int
+    batches: int
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    model: str
+    version: int
+    architecture: str
+    precision: str
+    device: str
+    results: list[Classification]
+    timing: Timing
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    version: int
+    architecture: str
+    precision: str
+    device: str
+    labels: list[str]
+    max_length: int
+    state: str
+    providers: list[str] = field(default_factory=list)
+    available_versions: list[int] = field(default_factory=list)
+    failed_versions: dict[int, str] = field(default_factory=dict)
+    load_seconds: float = 0.0
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One ClassifyStream answer: a result, or the error of that one request."""
+
+    result: ClassifyResult | None
+    error: ClientError | None
+
+
+def request(texts: Sequence[str], model: str, version: int | None = None, top_k: int = 0,
+            request_id: str = "") -> pb.ClassifyRequest:
+    message = pb.ClassifyRequest(model=model, texts=list(texts), top_k=top_k, id=request_id)
+    if version is not None:
+        message.version = version
+    return message
+
+
+def from_response(message: pb.ClassifyResponse) -> ClassifyResult:
+    t = message.timing
+    return ClassifyResult(
+        model=message.model, version=message.version, architecture=message.architecture,
+        precision=message.precision, device=message.device, id=message.id,
+        results=[
+            Classification(r.label, r.score, [(s.label, s.score) for s in r.top],
+                           r.token_count, r.truncated)
+            for r in message.results
+        ],
+        timing=Timing(t.queue_us, t.tokenize_us, t.inference_us, t.total_us, t.batch_size,
+                      t.batches),
+    )
+
+
+def from_model_info(info: pb.ModelInfo) -> ModelDescription:
+    ev = info.evaluation
+    evaluation = {name.name: getattr(ev, name.name) for name in ev.DESCRIPTOR.fields
+                  if not name.has_presence or ev.HasField(name.name)}
+    return ModelDescription(
+        name=info.name, version=info.version, architecture=info.architecture,
+        precision=info.precision, device=info.device, labels=list(info.labels),
+        max_length=info.max_length, state=pb.ModelState.Name(info.state),
+        providers=list(info.providers), available_versions=list(info.available_versions),
+        failed_versions={f.version: f.reason for f in info.failed_versions},
+        load_seconds=info.load_seconds, evaluation=evaluation,
+    )
+
+
+def _stream_item(message: pb.ClassifyStreamResponse) -> StreamItem:
+    if message.HasField("error"):
+        code = next((c for c in grpc.StatusCode if c.value[0] == message.error.code),
+                    grpc.StatusCode.UNKNOWN)
+        return StreamItem(None, ClientError(code, message.error.message))
+    return StreamItem(from_response(message.response), None)
+
+
+class Client:
+    """Blocking client; thread-safe (one channel, as gRPC recommends)."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def classify(self, texts: Sequence[str], *, model: str, version: int | None = None,
+                 top_k: int = 0, timeout: float | None = None, request_id: str = ""
+                 ) -> ClassifyResult:
+        try:
+            response = self._stub.Classify(request(texts, model, version, top_k, request_id),
+                                           timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+        return from_response(response)
+
+    def classify_async(self, texts: Sequence[str], *, model: str, version: int | None = None,
+                       top_k: int = 0, timeout: float | None = None) -> PendingResult:
+        """Send without waiting (many calls can be in flight from one thread)."""
+        future = self._stub.Classify.future(request(texts, model, version, top_k),
+                                            timeout=timeout or self.timeout)
+        return PendingResult(future)
+
+    def classify_stream(self, requests: Iterable[pb.ClassifyRequest], *,
+                        timeout: float | None = None) -> Iterator[StreamItem]:
+        """One item per request, in order; build requests with ``client.request(...)``."""
+        try:
+            for message in self._stub.ClassifyStream(iter(requests),
+                                                     timeout=timeout or self.timeout):
+                yield _stream_item(message)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+
+    def list_models(self) -> list[ModelDescription]:
+        try:
+            response = self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+        return [from_model_info(info) for info in response.models]
+
+    def get_model(self, name: str, version: int | None = None) -> ModelDescription:
+        message = pb.GetModelRequest(model=name)
+        if version is not None:
+            message.version = version
+        try:
+            return from_model_info(self._stub.GetModel(message, timeout=self.timeout).model)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+
+    def health(self, service: str = "") -> str:
+        """"SERVING", "NOT_SERVING", ... for the whole server ("") or one gRPC service."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                          timeout=self.timeout or 5.0)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class PendingResult:
+    def __init__(self, future: grpc.Future) -> None:
+        self._future = future
+
+    def result(self, timeout: float | None = None) -> ClassifyResult:
+        try:
+            return from_response(self._future.result(timeout=timeout))
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+
+class AsyncClient:
+    """asyncio client for load generators: ``async with AsyncClient(target) as client``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def classify(self, texts: Sequence[str], *, model: str, version: int | None = None,
+                       top_k: int = 0, timeout: float | None = None, request_id: str = ""
+                       ) -> ClassifyResult:
+        try:
+            response = await self._stub.Classify(
+                request(texts, model, version, top_k, request_id),
+                timeout=timeout or self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+        return from_response(response)
+
+    async def list_models(self) -> list[ModelDescription]:
+        try:
+            response = await self._stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc(error) from None
+        return [from_model_info(info) for info in response.models]

@@ -1,0 +1,49 @@
+"""Shared fixtures for the server tests: a tiny real model repository and real servers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from server_harness import RunningServer, free_port, server_settings
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once per session; never modify it: copy it with ``repository_copy``."""
+    from model_factory import build_tiny_repository  # only sessions that need it pay
+
+    return build_tiny_repository(tmp_path_factory.mktemp("tiny-repository") / "repo")
+
+
+@pytest.fixture
+def repository_copy(tiny_repository: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_repository, tmp_path / "repo"))
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., RunningServer]]:
+    """Factory fixture: ``start_server(settings, wait=True, **SeqServer kwargs)``."""
+    servers: list[RunningServer] = []
+
+    def start(settings: Any, *, wait: bool = True, **kwargs: Any) -> RunningServer:
+        running = RunningServer(settings, **kwargs)
+        servers.append(running)
+        return running.start(wait=wait)
+
+    yield start
+    for running in reversed(servers):
+        running.close()
+
+
+@pytest.fixture(scope="module")
+def shared_server(tiny_repository: Path) -> Iterator[RunningServer]:
+    """One server for the read-only API tests of a module."""
+    running = RunningServer(server_settings(
+        tiny_repository, metrics_port=free_port(), max_receive_message_bytes=256 * 1024))
+    running.start()
+    yield running
+    running.close()

@@ -1,0 +1,171 @@
+"""The batching scheduler on its own, with a stand-in model: grouping, budgets, drops, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from service.batching import Batcher, Item, Job, select_batch
+from service.errors import ServingError
+
+
+def _items(lengths: list[int]) -> list[Item]:
+    job = Job(None, np.zeros((len(lengths), 2)), len(lengths), None, 0.0)  # type: ignore[arg-type]
+    return [Item(job, i, [1] * n) for i, n in enumerate(lengths)]
+
+
+def test_texts_are_grouped_by_length_from_the_oldest() -> None:
+    pending = _items([10, 50, 11, 52, 9, 12])
+    batch, rest = select_batch(pending, max_texts=8, max_tokens=10_000, cost_tokens=8)
+    assert [i.length for i in batch] == [10, 11, 9, 12]
+    assert [i.length for i in rest] == [50, 52]  # in arrival order, for the next batch
+
+
+def test_budgets_bound_texts_and_padded_tokens() -> None:
+    batch, rest = select_batch(_items([8] * 10), max_texts=4, max_tokens=10_000, cost_tokens=0)
+    assert len(batch) == 4 and len(rest) == 6
+    batch, _ = select_batch(_items([8] * 10), max_texts=32, max_tokens=40, cost_tokens=0)
+    assert len(batch) == 5  # 5 x 8 = 40 padded tokens
+    batch, rest = select_batch(_items([100, 4]), max_texts=32, max_tokens=50, cost_tokens=500)
+    assert [i.length for i in batch] == [100]  # the oldest goes even when alone over budget
+
+
+def test_a_long_text_joins_a_batch_only_when_padding_is_cheap() -> None:
+    # Adding a 20-token text to four 10-token texts pads those four by 10 each (40 tokens).
+    assert len(select_batch(_items([10] * 4 + [20]), 32, 10_000, cost_tokens=39)[0]) == 4
+    assert len(select_batch(_items([10] * 4 + [20]), 32, 10_000, cost_tokens=40)[0]) == 5
+
+
+class CountingModel:
+    """logits = (sum of ids, -sum of ids) per row; records every batch it is given."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.batches: list[int] = []
+        self.rows_seen: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        time.sleep(self.delay)
+        with self.lock:
+            self.batches.append(len(input_ids))
+            self.rows_seen += [int(r.sum()) for r in input_ids]
+        total = (input_ids * attention_mask).sum(axis=1).astype(np.float32)
+        return np.stack([total, -total], axis=1) / 10
+
+
+def _batcher(model: CountingModel, **overrides) -> Batcher:
+    settings = dict(max_texts=8, max_tokens=1000, max_delay_s=0.01, cost_tokens=64,
+                    max_queue=64)
+    return Batcher("test", model, 2, **(settings | overrides))
+
+
+def _expected(ids: list[int]) -> np.ndarray:
+    total = float(sum(ids)) / 10
+    logits = np.array([total, -total])
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def test_requests_share_batches_and_get_their_own_rows() -> None:
+    model = CountingModel()
+
+    async def scenario() -> list[Job]:
+        batcher = _batcher(model)
+        batcher.start()
+        jobs = []
+        for i in range(6):
+            job = batcher.new_job(2, deadline=None)
+            batcher.submit(job, [[i + 1] * (i + 1), [2] * 3])
+            jobs.append(job)
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close(1.0)
+        return jobs
+
+    jobs = asyncio.run(scenario())
+    assert max(model.batches) > 1 and sum(model.batches) == 12
+    for i, job in enumerate(jobs):
+        assert np.allclose(job.probabilities[0], _expected([i + 1] * (i + 1)), atol=1e-6)
+        assert np.allclose(job.probabilities[1], _expected([2] * 3), atol=1e-6)
+        assert job.batches >= 1 and job.batch_size >= 1
+
+
+def test_full_queue_refuses_the_whole_request() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(CountingModel(), max_queue=3)  # not started: nothing drains
+        batcher.submit(batcher.new_job(2, None), [[1], [2]])
+        with pytest.raises(ServingError) as caught:
+            batcher.submit(batcher.new_job(2, None), [[1], [2]])
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.reason == "queue_full" and batcher.depth == 2
+        batcher.start()
+        await batcher.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_expired_and_cancelled_work_never_reaches_the_model() -> None:
+    model = CountingModel(delay=0.2)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_delay_s=0.0)
+        batcher.start()
+        first = batcher.new_job(1, None)
+        batcher.submit(first, [[1]])
+        await asyncio.sleep(0.05)  # the first batch is running now
+        expired = batcher.new_job(1, deadline=time.monotonic() + 0.05)
+        batcher.submit(expired, [[7]])
+        cancelled = batcher.new_job(1, None)
+        batcher.submit(cancelled, [[9]])
+        cancelled.future.cancel()
+        await first.future
+        with pytest.raises(ServingError) as caught:
+            await expired.future
+        assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        await batcher.close(1.0)
+        assert batcher.depth == 0
+
+    asyncio.run(scenario())
+    assert model.rows_seen == [1]
+
+
+def test_close_finishes_queued_work_then_refuses() -> None:
+    model = CountingModel(delay=0.05)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_texts=1)
+        batcher.start()
+        jobs = [batcher.new_job(1, None) for _ in range(3)]
+        for i, job in enumerate(jobs):
+            batcher.submit(job, [[i + 1]])
+        await batcher.close(5.0)
+        assert all(j.future.done() and j.future.exception() is None for j in jobs)
+        with pytest.raises(ServingError) as caught:
+            batcher.submit(batcher.new_job(1, None), [[1]])
+        assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(scenario())
+    assert sorted(model.rows_seen) == [1, 2, 3]
+
+
+def test_close_after_its_timeout_fails_what_is_left_instead_of_hanging() -> None:
+    model = CountingModel(delay=0.3)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_texts=1)
+        batcher.start()
+        jobs = [batcher.new_job(1, None) for _ in range(3)]
+        for job in jobs:
+            batcher.submit(job, [[1]])
+        await asyncio.sleep(0.05)
+        await batcher.close(0.1)
+        assert all(j.future.done() for j in jobs)
+        codes = {j.future.exception().code for j in jobs if j.future.exception()}
+        assert codes == {grpc.StatusCode.UNAVAILABLE}
+
+    asyncio.run(scenario())
