@@ -1,0 +1,74 @@
+"""fp16 conversion with ONNX Runtime's float16 tooling.
+
+onnxconverter-common 1.16.0 writes models that fail to load (mismatched Cast types, its issue
+#320); ``onnxruntime.transformers.float16`` works for every architecture here. Inputs and
+outputs keep their types (``keep_io_types``) so clients and the server never see fp16 tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import onnx
+
+
+def _float16_tooling() -> ModuleType:
+    """``onnxruntime.transformers`` appends its own directory to ``sys.path`` on import, and
+    that directory holds a ``models`` folder which would then shadow this project's ``models``
+    package. float16 needs none of its siblings, so the path is put back as it was."""
+    saved = list(sys.path)
+    try:
+        from onnxruntime.transformers import float16
+    finally:
+        sys.path[:] = saved
+    # It logs every initializer shared by fp32 and fp16 nodes at INFO: noise for these models.
+    logging.getLogger(float16.__name__).setLevel(logging.WARNING)
+    return float16
+
+
+def convert_to_fp16(source: Path, target: Path, *, fp32_op_types: list[str] | None = None) -> None:
+    """Write an fp16 copy of ``source``; ``fp32_op_types`` are kept in fp32 (mixed precision)."""
+    float16 = _float16_tooling()
+    model = onnx.load(str(source))
+    block_list = list(float16.DEFAULT_OP_BLOCK_LIST) + list(fp32_op_types or [])
+    converted = float16.convert_float_to_float16(
+        model, keep_io_types=True, op_block_list=block_list
+    )
+    sort_topologically(converted.graph)
+    onnx.checker.check_model(converted, full_check=True)
+    onnx.save(converted, str(target))
+
+
+def _names_used(node: onnx.NodeProto) -> set[str]:
+    """A node's inputs, including values its subgraphs (If/Loop bodies) read from outside."""
+    used = set(node.input)
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs]:
+            for inner in graph.node:
+                used |= _names_used(inner)
+    return used
+
+
+def sort_topologically(graph: onnx.GraphProto) -> None:
+    """The float16 tool appends the Cast nodes it adds around blocked ops at the end of the
+    graph; ONNX Runtime reorders them itself, but the ONNX checker (rightly) wants producers
+    first. A stable Kahn sort keeps the original order wherever it was already valid."""
+    producer = {output: index for index, node in enumerate(graph.node) for output in node.output}
+    nodes = list(graph.node)
+    dependencies = [
+        {producer[name] for name in _names_used(node) if name in producer} - {index}
+        for index, node in enumerate(nodes)
+    ]
+    emitted: set[int] = set()
+    order: list[int] = []
+    while len(order) < len(nodes):
+        ready = [i for i in range(len(nodes)) if i not in emitted and dependencies[i] <= emitted]
+        if not ready:
+            raise ValueError("the converted graph has a cycle")
+        order.extend(ready)
+        emitted.update(ready)
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
