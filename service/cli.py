@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from export.data_cli import add_data_commands
     from export.train_cli import add_training_commands
     from service.commands import add_serving_commands
+    from service.demo import add_demo_command
 
     parser = argparse.ArgumentParser(
         prog="seqserve",
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_training_commands(commands)
     add_serving_commands(commands)
+    add_demo_command(commands)
     return parser
 
 
