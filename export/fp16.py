@@ -37,9 +37,31 @@ def convert_to_fp16(source: Path, target: Path, *, fp32_op_types: list[str] | No
     converted = float16.convert_float_to_float16(
         model, keep_io_types=True, op_block_list=block_list
     )
+    drop_duplicate_casts(converted.graph)
     sort_topologically(converted.graph)
+    # With blocked ops the tool leaves some intermediate value_info entries typed as before
+    # the Casts it inserted; they are only hints, so drop them and let inference redo them.
+    del converted.graph.value_info[:]
     onnx.checker.check_model(converted, full_check=True)
     onnx.save(converted, str(target))
+
+
+def drop_duplicate_casts(graph: onnx.GraphProto) -> None:
+    """When one value feeds several blocked nodes, the tool inserts the same Cast once per
+    consumer, each writing the same output name, which breaks single assignment. The copies
+    are identical, so keep the first."""
+    first_producer: dict[str, onnx.NodeProto] = {}
+    kept = []
+    for node in graph.node:
+        duplicate = next((first_producer[o] for o in node.output if o in first_producer), None)
+        if duplicate is not None and node.op_type == "Cast" and (
+            node.input == duplicate.input and node.attribute == duplicate.attribute
+        ):
+            continue
+        first_producer.update({output: node for output in node.output})
+        kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _names_used(node: onnx.NodeProto) -> set[str]:
