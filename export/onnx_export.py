@@ -133,6 +133,8 @@ def check_exported_graph(model: onnx.ModelProto) -> None:
                 "second LSTM export in one process does this): export in a fresh process"
             )
     first_dims = dims_of(graph.input[0])
+    if first_dims[0] == first_dims[1]:
+        raise OnnxExportError(f"exported batch and sequence share one symbol: {first_dims}")
     if any(dims_of(v) != first_dims for v in graph.input[1:]):
         raise OnnxExportError(
             f"exported inputs disagree on their dims: {[dims_of(v) for v in graph.input]}"

@@ -62,8 +62,9 @@ def reverse_within_lengths(x: Tensor, lengths: Tensor) -> Tensor:
 
 
 def exporting() -> bool:
-    """True while a graph is captured for export (checked with torch 2.13's dynamo exporter:
-    `torch.onnx.export(dynamo=True)` sets both flags; the legacy exporter sets the second)."""
+    """True while a graph is captured for export. Under torch 2.13's `torch.onnx.export(
+    dynamo=True)` both flags are set (checked); the first also covers a plain `torch.export`,
+    the second the legacy TorchScript exporter."""
     return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
@@ -84,7 +85,7 @@ class LSTMClassifier(nn.Module):
         self.lstm_bwd = nn.LSTM(c.embed_dim, c.hidden_dim, c.num_layers, batch_first=True,
                                 dropout=inter_layer_dropout)
         self.dropout = nn.Dropout(c.dropout)
-        # max, mean and the two final states, each 2·hidden wide or hidden wide
+        # max and mean of h (2·hidden each) and the two final states (hidden each)
         self.classifier = nn.Linear(6 * c.hidden_dim, c.num_labels)
 
     def _run(self, lstm: nn.LSTM, x: Tensor, lengths: Tensor) -> Tensor:
