@@ -17,8 +17,10 @@ from service.exit_codes import CommandError, ExitCode
 def build_parser() -> argparse.ArgumentParser:
     from export.data_cli import add_data_commands
     from export.train_cli import add_training_commands
+    from service.bench import add_bench_commands
     from service.commands import add_serving_commands
     from service.demo import add_demo_command
+    from service.report import add_report_command
 
     parser = argparse.ArgumentParser(
         prog="seqserve",
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(commands)
     add_serving_commands(commands)
     add_demo_command(commands)
+    add_bench_commands(commands)
+    add_report_command(commands)
     return parser
 
 
