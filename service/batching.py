@@ -5,8 +5,10 @@ Shape (after TEI's queue and MLServer's adaptive batcher, without their gaps):
 * ``submit`` only appends to an inbox and wakes the scheduler. One scheduler task owns the
   pending texts: it alone decides batches and drops dead work, so there are no locks.
 * A batch closes when it is full (``max_texts`` texts or ``max_tokens`` padded tokens, the cost
-  model: longest row x rows) or when its oldest text has waited ``max_delay``. All timing uses
-  the monotonic clock.
+  model: longest row x rows) or when its oldest text has waited ``max_delay``, and at once when
+  the model is idle: only while a batch runs is there anything to gain by waiting. So a lone
+  request pays no batching delay, and under load batches grow with the arrival rate. All
+  timing uses the monotonic clock.
 * Texts are grouped by length: starting from the oldest text (so nothing starves), the nearest
   lengths join while the padding each adds stays under ``cost_tokens``, the price of running
   one more batch instead. The LSTM pays for every padded step.
@@ -209,7 +211,9 @@ class Batcher:
             if not self._pending:
                 continue
             flush_at = self._pending[0].job.enqueued_at + self._max_delay
-            while not self._full(self._pending):
+            # Waiting only pays while the model is busy: texts arriving during a run join the
+            # next batch anyway. An idle model starts at once, so a lone request pays no delay.
+            while self._busy() and not self._full(self._pending):
                 left = flush_at - time.monotonic()
                 if left <= 0 or not await self._wait_for_arrivals(left):
                     break
@@ -307,6 +311,9 @@ class Batcher:
     def _take_inbox(self) -> None:
         while self._inbox:
             self._pending.append(self._inbox.popleft())
+
+    def _busy(self) -> bool:
+        return self._running or not self._ready.empty()
 
     def _full(self, pending: list[Item]) -> bool:
         if len(pending) >= self._max_texts:

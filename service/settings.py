@@ -91,7 +91,9 @@ class ServeSettings(BaseSettings):
         8192, ge=1, description="padded tokens (longest text x texts) per executed batch"
     )
     max_batch_delay_ms: float = Field(
-        2.0, ge=0.0, description="longest a queued text waits for others to batch with"
+        2.0, ge=0.0,
+        description="longest a queued text waits for others to batch with while the model is "
+        "busy (an idle model runs a request at once)"
     )
     batch_cost_tokens: int = Field(
         64,
