@@ -1,14 +1,8 @@
-"""Running ``seqserve bench`` / ``seqserve report`` in tests, exactly as ``seqserve`` would.
-
-Until ``service/cli.py`` registers the two commands, they are added to its parser here; the
-error handling mirrors ``service.cli.main`` (one line ``seqserve: error: ...``, exit code).
-"""
+"""Running ``seqserve bench`` / ``seqserve report`` in tests, exactly as ``seqserve`` would."""
 
 from __future__ import annotations
 
-import argparse
 import csv
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,26 +12,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_cli(argv: Sequence[str]) -> int:
-    from service.bench import add_bench_commands
-    from service.cli import build_parser, main
-    from service.exit_codes import CommandError
-    from service.report import add_report_command
+    """``seqserve ARGV``'s exit code, argparse's usage errors (SystemExit) included."""
+    from service.cli import main
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "bench" in commands.choices and "report" in commands.choices:
+    try:
         return main(list(argv))
-    add_bench_commands(commands)
-    add_report_command(commands)
-    try:
-        args = parser.parse_args(list(argv))
-    except SystemExit as exit_:  # argparse's own usage errors
+    except SystemExit as exit_:
         return int(exit_.code or 0)
-    try:
-        return int(args.handler(args))
-    except CommandError as error:
-        print(f"seqserve: error: {error}", file=sys.stderr)
-        return int(error.code)
 
 
 def write_texts_csv(path: Path, count: int = 60) -> Path:

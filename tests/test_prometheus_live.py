@@ -25,8 +25,10 @@ pytestmark = [
 ]
 ARCHITECTURES = {"lstm", "transformer"}
 MODELS = {LSTM_NAME, TRANSFORMER_NAME}
-LOAD_SECONDS = 8.0
-MAX_REQUESTS_PER_CALLER = 400
+LOAD_SECONDS = 6.0
+# A bound on the loop; the load normally stops at LOAD_SECONDS, so that Prometheus (scraping
+# every second) sees the counters move across several scrapes.
+MAX_REQUESTS_PER_CALLER = 20_000
 
 
 def drive_load(server: RunningServer, stop: threading.Event) -> list[str]:
@@ -83,6 +85,7 @@ def test_rules_and_dashboard_over_a_live_server(repository_copy: Path, tmp_path:
         copy_version(repository_copy, TRANSFORMER_NAME, 1, 2, corrupt=True)
         server.loop.call_soon_threadsafe(server.server.registry.request_scan)
         with run_prometheus(f"127.0.0.1:{metrics_port}", tmp_path / "prometheus") as prometheus:
+            prometheus.wait_for('up{job="seqserve"} == 1', bool, timeout=30)
             stop = threading.Event()
             assert drive_load(server, stop) == []
             with server.client() as client:
