@@ -187,20 +187,30 @@ class SessionBuilder:
 
     def _try_cuda(self, model: ModelVersion, path: str) -> SessionLike | None:
         providers: list[Any] = [(CUDA, {"device_id": self.settings.cuda_device_id}), CPU]
+        # Under `auto` a CPU-only machine is normal, and ORT's multi-line red error about the
+        # missing CUDA libraries would alarm for nothing: quiet ORT for this one attempt.
+        # `--device cuda` keeps ORT's diagnostics.
+        quiet = self.settings.device == "auto"
+        if quiet:
+            ort.set_default_logger_severity(4)
         try:
             session = self.factory(path, session_options(self.settings), providers)
             reason = "" if session.get_providers()[:1] == [CUDA] else (
                 f"session providers are {session.get_providers()}")
         except Exception as exc:  # ORT raises its own Fail/RuntimeException types
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        finally:
+            if quiet:
+                ort.set_default_logger_severity(2)
         if not reason:
             return session
         self.cuda_failed = True
         if self.settings.device == "cuda":
             raise LoadError(f"{model.name}/{model.version}: device=cuda requested but the "
                             f"CUDA provider did not start ({reason})")
-        log.warning("%s/%s: CUDA provider did not start (%s); falling back to CPU + fp32",
-                    model.name, model.version, reason)
+        log.warning("%s/%s: CUDA provider did not start (%s); falling back to CPU + fp32 "
+                    "(--device cuda shows ONNX Runtime's reason)", model.name, model.version,
+                    reason)
         return None
 
 
