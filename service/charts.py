@@ -22,6 +22,17 @@ _MARKERS = "osD^vP*X"
 _STYLES = ["-", "--", ":", "-."]
 
 
+def _length_axes(ax: Any, cells: list[dict], ylabel: str) -> None:
+    """Log-log axes over the text lengths that were measured, ticked at those lengths."""
+    lengths = sorted({c["length"] for c in cells})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.set_xlabel("text length (tokens asked for)")
+    ax.set_ylabel(ylabel)
+
+
 def _plain_log_axis(axis: Any) -> None:
     """Log-scale ticks as 2, 5, 10 rather than 2x10^0; minor ticks labelled at 2 and 5 only,
     so axes spanning several decades stay legible."""
@@ -97,13 +108,7 @@ def latency_vs_length(cells: list[dict[str, Any]], path: Path) -> Path:
                     marker=marker, linestyle="-", label=f"{name} p50")
             ax.plot(xs, [c["latency_ms"]["p99"] for _, c in points], color=colors[model],
                     marker=marker, linestyle="--", alpha=0.6, label=f"{name} p99")
-        lengths = sorted({c["length"] for c in subset})
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
-        ax.set_xticks(lengths, [str(length) for length in lengths])
-        ax.set_xlabel("text length (tokens asked for)")
-        ax.set_ylabel("latency (ms)")
+        _length_axes(ax, subset, "latency (ms)")
 
     return _save(_panels(closed, "latency vs length", draw), path)
 
@@ -150,13 +155,7 @@ def throughput_vs_length(cells: list[dict[str, Any]], path: Path) -> Path:
                             linestyle=_STYLES[callers.index(concurrency) % len(_STYLES)],
                             marker=_MARKERS[callers.index(concurrency) % len(_MARKERS)],
                             label=f"{points[0][1]['architecture']} c={concurrency}")
-        lengths = sorted({c["length"] for c in subset})
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
-        ax.set_xticks(lengths, [str(length) for length in lengths])
-        ax.set_xlabel("text length (tokens asked for)")
-        ax.set_ylabel("texts/s")
+        _length_axes(ax, subset, "texts/s")
 
     return _save(_panels(closed, "throughput vs length", draw), path)
 
