@@ -147,6 +147,6 @@ def test_caveats_flag_load_truncation_and_few_requests() -> None:
                                             "loadavg_end": [1.0, 1, 1], "cpu_tick_s": 0.01},
                 "text_source": "synthetic", "warnings": []}
     text = "\n".join(caveats(document))
-    assert "load average reached 5.0 on 2 cores" in text
+    assert "load average was 5.0 on 2 cores before the bench started" in text
     assert "Lengths 256 exceed a model's max_length" in text
     assert "only 200 successful requests" in text and "synthetic words" in text
