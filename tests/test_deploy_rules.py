@@ -80,6 +80,7 @@ def unit_test_cases() -> list[dict[str, Any]]:
 @needs_promtool
 def test_prometheus_config_is_valid() -> None:
     assert_ok(promtool("check", "config", CONFIG))
+    assert_ok(promtool("check", "config", CONFIG.parent / "local.yml"))  # the no-Docker one
 
 
 @needs_promtool
