@@ -12,7 +12,8 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.onnx_eval import run_logits, softmax
+from export.onnx_eval import run_logits
+from service.probabilities import softmax
 from service.tokenization import pad_batch
 
 PARITY_BATCH_SIZES = (1, 7, 32)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.probabilities import softmax
 from service.tokenization import pad_batch
 
 EVAL_BATCH_SIZE = 64
@@ -21,12 +22,6 @@ def cpu_session(path: Path, *, threads: int | None = None) -> ort.InferenceSessi
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def run_logits(session: ort.InferenceSession, input_ids: np.ndarray,

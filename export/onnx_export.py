@@ -39,6 +39,8 @@ import onnx
 import torch
 from torch import nn
 
+from service.probabilities import softmax
+
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAMES = ("logits",)
 DEFAULT_OPSET = 18
@@ -228,18 +230,13 @@ def _check_parity(model: nn.Module, path: Path) -> None:
                 torch.from_numpy(input_ids).to(device), torch.from_numpy(attention_mask).to(device)
             )
         diff = float(
-            np.abs(_softmax(ort_logits) - torch_logits.softmax(-1).cpu().numpy()).max()
+            np.abs(softmax(ort_logits) - torch_logits.softmax(-1).cpu().numpy()).max()
         )
         if not diff <= _PARITY_TOLERANCE:  # `not <=` so that NaN fails too
             raise OnnxExportError(
                 f"ONNX Runtime and PyTorch disagree at batch {batch}, length {length}: max abs "
                 f"probability difference {diff:.2e} > {_PARITY_TOLERANCE:.0e}"
             )
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -37,6 +37,7 @@ import numpy as np
 
 from service.errors import ServingError, unavailable
 from service.metrics import ModelMetrics
+from service.probabilities import softmax
 from service.tokenization import pad_batch
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,6 @@ def select_batch(
             longest = widest
     taken = set(chosen)
     return [pending[i] for i in sorted(taken)], [p for i, p in enumerate(pending) if i not in taken]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 class Batcher:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from service.bench_load import percentiles_ms
+from service.probabilities import softmax
 from service.repository import ModelVersion
 from service.runtime import LoadedVersion, SessionBuilder, load_version
 from service.settings import ServeSettings
@@ -43,11 +44,6 @@ def load_model(directory: Path, name: str, version: int, settings: ServeSettings
                ) -> LoadedVersion:
     return load_version(ModelVersion(name, version, directory), settings,
                         SessionBuilder(settings))
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def _time_interleaved(steps: dict[str, Callable[[int], None]], batch_size: int, runs: int,
@@ -89,7 +85,7 @@ def measure(loaded: LoadedVersion, texts: list[str], batch_size: int, *, runs: i
 
     def full(index: int) -> None:
         encoded = tokenizer.encode_batch(batches[index % len(batches)])
-        _softmax(session.run(encoded.input_ids, encoded.attention_mask))
+        softmax(session.run(encoded.input_ids, encoded.attention_mask))
 
     encoded = [tokenizer.encode_batch(batch) for batch in batches]
 

@@ -22,6 +22,7 @@ from export.onnx_export import (
     export_onnx_in_subprocess,
 )
 from models import ARCHITECTURES, create_model, default_config
+from service.probabilities import softmax
 
 VOCAB, LABELS = 60, 4
 TINY: dict[str, dict[str, Any]] = {
@@ -53,11 +54,6 @@ def exported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     out = directory / "model.onnx"
     export_onnx_in_subprocess(architecture, config, directory / "model.pt", out)
     return Exported(model, out)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def batch_with_lengths(lengths: list[int], total: int, seed: int) -> dict[str, np.ndarray]:
