@@ -117,7 +117,9 @@ def handle_demo(args: argparse.Namespace) -> int:
         process.kill()
         raise CommandError(str(error), ExitCode.SERVER_ERROR) from None
     if args.keep_serving:
-        print(f"\nserving on {address} (metrics on port {args.metrics_port}); Ctrl-C stops it")
+        metrics = (f"metrics on port {args.metrics_port}" if args.metrics_port
+                   else "metrics off: --metrics-port to enable")
+        print(f"\nserving on {address} ({metrics}); Ctrl-C stops it")
         try:
             return process.wait()
         except KeyboardInterrupt:
