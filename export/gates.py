@@ -77,6 +77,8 @@ def check_parity(torch_logits_fn, session: ort.InferenceSession, ids: list[list[
         expected = softmax(torch_logits_fn(batch.input_ids, batch.attention_mask))
         actual = softmax(run_logits(session, batch.input_ids, batch.attention_mask))
         diff = np.abs(expected - actual).max(axis=1)
+        # NaN compares false against everything: count a non-finite output as infinitely off.
+        diff = np.where(np.isfinite(diff), diff, np.inf)
         rows += len(batch_ids)
         sizes.append(len(batch_ids))
         row = int(diff.argmax())
@@ -95,14 +97,18 @@ class PrecisionComparison:
     fp16_accuracy: float
     accuracy_drop: float
     fp32_op_types: list[str] = field(default_factory=list)
+    non_finite_rows: int = 0  # fp16 rows with inf/NaN: argmax would silently call them label 0
 
     def passes(self, settings: GateSettings) -> bool:
-        return (self.agreement >= settings.fp16_min_agreement
+        return (self.non_finite_rows == 0
+                and self.agreement >= settings.fp16_min_agreement
                 and self.accuracy_drop <= settings.fp16_max_accuracy_drop)
 
     def describe(self) -> str:
+        overflow = f", {self.non_finite_rows} texts with inf/NaN" if self.non_finite_rows else ""
         return (f"agreement {self.agreement:.4f}, accuracy {self.fp32_accuracy:.4f} → "
-                f"{self.fp16_accuracy:.4f} (drop {self.accuracy_drop * 100:.2f} points)")
+                f"{self.fp16_accuracy:.4f} (drop {self.accuracy_drop * 100:.2f} points)"
+                f"{overflow}")
 
 
 def compare_precisions(fp32_probabilities: np.ndarray, fp16_probabilities: np.ndarray,
@@ -118,4 +124,9 @@ def compare_precisions(fp32_probabilities: np.ndarray, fp16_probabilities: np.nd
         fp16_accuracy=fp16_accuracy,
         accuracy_drop=max(0.0, fp32_accuracy - fp16_accuracy),
         fp32_op_types=fp32_op_types,
+        non_finite_rows=count_non_finite_rows(fp16_probabilities),
     )
+
+
+def count_non_finite_rows(probabilities: np.ndarray) -> int:
+    return int((~np.isfinite(probabilities)).any(axis=1).sum())

@@ -29,6 +29,7 @@ from export.gates import (
     PrecisionComparison,
     check_parity,
     compare_precisions,
+    count_non_finite_rows,
 )
 from export.onnx_eval import cpu_session, predict_probabilities
 from export.onnx_export import export_onnx_in_subprocess
@@ -151,6 +152,9 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
                 figures,
             )
         fp32_probabilities = predict_probabilities(fp32_session, ids)
+        if bad := count_non_finite_rows(fp32_probabilities):
+            raise GateFailure(f"the fp32 model gave inf/NaN probabilities for {bad} of "
+                              f"{len(ids)} test texts", figures)
         fp32_report = classification_report(y_true, fp32_probabilities.argmax(1), labels)
 
         comparison, attempts, fp16_probabilities = fp16_with_fallback(

@@ -204,3 +204,33 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path):
         assert written["version"] == number
     with pytest.raises(VersionExistsError):
         publish(staging_directory(repo, "m"), repo, "m", version=3)
+
+
+def test_gates_fail_on_nan_outputs(runs, tmp_path, monkeypatch):
+    """NaN compares false against any tolerance, and argmax calls a NaN row label 0: both gates
+    must treat non-finite outputs as failures, not as agreement."""
+    real_export = pipeline.export_onnx_in_subprocess
+
+    def export_then_poison(*args, **kwargs):
+        real_export(*args, **kwargs)
+        perturb_largest_initializer(args[3], scale=float("nan"))
+
+    monkeypatch.setattr(pipeline, "export_onnx_in_subprocess", export_then_poison)
+    with pytest.raises(GateFailure, match="parity gate failed") as parity:
+        pipeline.export_run(runs["bow"], tmp_path / "repo", "m")
+    assert parity.value.report["parity_max_abs_diff"] == float("inf")
+    monkeypatch.undo()
+
+    real_convert = pipeline.convert_to_fp16
+
+    def nan_fp16(source, target, *, fp32_op_types=None):
+        real_convert(source, target, fp32_op_types=fp32_op_types)
+        perturb_largest_initializer(target, scale=float("nan"))
+
+    monkeypatch.setattr(pipeline, "convert_to_fp16", nan_fp16)
+    with pytest.raises(GateFailure, match="fp16 gate failed") as fp16:
+        pipeline.export_run(runs["bow"], tmp_path / "repo", "m")
+    attempts = fp16.value.report["fp16_attempts"]
+    assert [a["passed"] for a in attempts] == [False, False]
+    assert all(a["non_finite_rows"] == 60 for a in attempts)
+    assert versions(tmp_path / "repo", "m") == []
