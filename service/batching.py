@@ -244,6 +244,9 @@ class Batcher:
             try:
                 probabilities, seconds = await loop.run_in_executor(
                     self._pool, self._compute, batch.input_ids, batch.attention_mask)
+                # Inside the try: a model whose output does not fit (wrong label count or rows)
+                # must fail these requests with INTERNAL, not leave them waiting forever.
+                self._fan_out(batch, probabilities, seconds)
             except Exception as exc:
                 log.exception("model %s: inference failed on a batch of %d", self.name, len(live))
                 error = ServingError(grpc.StatusCode.INTERNAL,
@@ -251,16 +254,19 @@ class Batcher:
                 for item in live:
                     if not item.job.future.done():
                         item.job.future.set_exception(error)
-            else:
-                self._fan_out(batch, probabilities, seconds)
             finally:
                 self._running, self._current = False, []
                 self._update_idle()
+                # A scheduler waiting out the batching delay for a busy model can start now.
+                self._arrived.set()
 
     def _compute(self, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
         started = time.monotonic()
         logits = self._runner(input_ids, mask)
         seconds = time.monotonic() - started
+        expected = (input_ids.shape[0], self.num_labels)
+        if logits.shape != expected:
+            raise ValueError(f"model returned logits of shape {logits.shape}, expected {expected}")
         return softmax(logits), seconds
 
     def _fan_out(self, batch: Batch, probabilities: np.ndarray, seconds: float) -> None:

@@ -169,3 +169,44 @@ def test_close_after_its_timeout_fails_what_is_left_instead_of_hanging() -> None
         assert codes == {grpc.StatusCode.UNAVAILABLE}
 
     asyncio.run(scenario())
+
+
+def test_a_model_output_of_the_wrong_shape_fails_its_requests_with_internal() -> None:
+    def three_labels(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return np.zeros((len(input_ids), 3), dtype=np.float32)  # the batcher expects 2
+
+    async def scenario() -> ServingError:
+        batcher = Batcher("test", three_labels, 2, max_texts=8, max_tokens=1000,
+                          max_delay_s=0.01, cost_tokens=64, max_queue=64)
+        batcher.start()
+        job = batcher.new_job(1, deadline=None)
+        batcher.submit(job, [[1, 2, 3]])
+        with pytest.raises(ServingError) as caught:
+            await asyncio.wait_for(job.future, 5)  # must not hang
+        assert batcher.depth == 0
+        await batcher.close(1.0)
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.code is grpc.StatusCode.INTERNAL and "shape" in str(error)
+
+
+def test_work_queued_behind_a_busy_model_starts_when_it_frees_not_after_the_delay() -> None:
+    model = CountingModel(delay=0.05)
+
+    async def scenario() -> float:
+        batcher = _batcher(model, max_delay_s=2.0)
+        batcher.start()
+        first = batcher.new_job(1, deadline=None)
+        batcher.submit(first, [[1]])
+        await asyncio.sleep(0.01)  # the first batch is running
+        second = batcher.new_job(1, deadline=None)
+        started = time.monotonic()
+        batcher.submit(second, [[2]])
+        await asyncio.gather(first.future, second.future)
+        elapsed = time.monotonic() - started
+        await batcher.close(1.0)
+        return elapsed
+
+    # Without the wake-up the second request would wait out the 2 s delay.
+    assert asyncio.run(scenario()) < 1.0
