@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from export.datasets import DatasetSpec
+from export.datasets import DatasetSpec, list_builtin
+
+
+def builtin_has_test_split(source: str) -> bool:
+    return any(info.name == source and info.has_test_split for info in list_builtin())
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -53,6 +57,18 @@ class RunConfig(_Config):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     seed: int = 13
+    data_sha256: str | None = Field(
+        default=None, description="a data file's sha256 at training time; export checks it")
+
+    @model_validator(mode="after")
+    def _needs_validation_and_test_texts(self) -> RunConfig:
+        # Early stopping needs a validation split and the metrics (and the export gates) a
+        # test split; a built-in with its own test split ignores test_fraction.
+        if self.data.validation_fraction <= 0:
+            raise ValueError("data.validation_fraction must be above 0 to train")
+        if self.data.test_fraction <= 0 and not builtin_has_test_split(self.data.source):
+            raise ValueError("data.test_fraction must be above 0 to train")
+        return self
 
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:

@@ -21,7 +21,7 @@ from export.config import (
     WEIGHTS_FILE,
     RunConfig,
 )
-from export.datasets import load_dataset
+from export.datasets import DatasetError, load_dataset
 from export.fp16 import convert_to_fp16
 from export.gates import (
     GateFailure,
@@ -88,6 +88,21 @@ def source_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def held_out_test_split(config: RunConfig, labels: list[str]) -> list[tuple[str, int]]:
+    """The test split the run held out, rebuilt from its config; refuses data that changed."""
+    if config.data_sha256 is not None:
+        path = Path(config.data.source)
+        actual = sha256_file(path) if path.is_file() else "missing"
+        if actual != config.data_sha256:
+            raise DatasetError(f"{path}: not the file the run was trained on (sha256 "
+                               f"{actual[:12]}…, trained on {config.data_sha256[:12]}…)")
+    splits = load_dataset(config.data)
+    if splits.labels != labels:
+        raise DatasetError(f"the dataset's labels {splits.labels} differ from the run's "
+                           f"labels.json {labels}")
+    return splits.test
+
+
 def load_torch_model(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     model = create_model(config.architecture, config.model)
     state = torch.load(run_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
@@ -131,7 +146,7 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
         export_onnx_in_subprocess(config.architecture, config.model, run_dir / WEIGHTS_FILE,
                                   fp32_path, opset=opset)
 
-        test = load_dataset(config.data).test
+        test = held_out_test_split(config, labels)
         ids, _ = tokenizer.token_ids([text for text, _ in test])
         y_true = np.fromiter((label for _, label in test), dtype=np.int64, count=len(test))
 

@@ -30,9 +30,10 @@ from export.config import (
     WEIGHTS_FILE,
     RunConfig,
 )
-from export.datasets import DatasetSplits, load_dataset
+from export.datasets import DatasetSplits, is_builtin_source, load_dataset
 from export.tokenizer import save_tokenizer, train_tokenizer
 from models import create_model, default_config
+from service.manifest import sha256_file
 from service.tokenization import TextTokenizer, pad_batch
 
 log = logging.getLogger(__name__)
@@ -145,6 +146,16 @@ def warmup_then_linear_decay(total_steps: int, warmup_fraction: float):
     return factor
 
 
+def pin_data_file(config: RunConfig) -> dict:
+    """For a user's file: its absolute path and sha256, so the exporter evaluates on exactly
+    the texts held out here, from any working directory, or refuses if the file changed."""
+    if is_builtin_source(config.data.source):
+        return {}
+    path = Path(config.data.source).resolve()
+    return {"data": config.data.model_copy(update={"source": str(path)}),
+            "data_sha256": sha256_file(path)}
+
+
 def prepare_data(config: RunConfig, run_dir: Path) -> tuple[DatasetSplits, TextTokenizer]:
     splits = load_dataset(config.data)
     tokenizer = train_tokenizer(
@@ -182,7 +193,7 @@ def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainRe
     )
     model_config.update(config.model)
     model_config.update(vocab_size=tokenizer.vocab_size, num_labels=len(splits.labels))
-    resolved = config.model_copy(update={"model": model_config})
+    resolved = config.model_copy(update={"model": model_config, **pin_data_file(config)})
     resolved.save(run_dir)
     (run_dir / LABELS_FILE).write_text(json.dumps(splits.labels, indent=2) + "\n", "utf-8")
 

@@ -101,7 +101,9 @@ def run_config_from_args(args: argparse.Namespace, architecture: str):
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
-        raise CommandError(f"invalid setting {where}: {first['msg']}", ExitCode.USAGE) from error
+        message = first["msg"].removeprefix("Value error, ")
+        raise CommandError(f"invalid setting {where}: {message}" if where else message,
+                           ExitCode.USAGE) from error
 
 
 def default_run_dir(dataset: str, architecture: str) -> Path:

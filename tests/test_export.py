@@ -234,3 +234,22 @@ def test_gates_fail_on_nan_outputs(runs, tmp_path, monkeypatch):
     assert [a["passed"] for a in attempts] == [False, False]
     assert all(a["non_finite_rows"] == 60 for a in attempts)
     assert versions(tmp_path / "repo", "m") == []
+
+
+def test_export_refuses_a_data_file_changed_since_training(runs, tmp_path, capsys):
+    import shutil
+
+    from export.config import RunConfig
+
+    run_dir = Path(shutil.copytree(runs["bow"], tmp_path / "run"))
+    config = RunConfig.load(run_dir)
+    assert Path(config.data.source).is_absolute() and config.data_sha256
+    data = Path(shutil.copyfile(config.data.source, tmp_path / "data.csv"))
+    config.model_copy(update={"data": config.data.model_copy(
+        update={"source": str(data)})}).save(run_dir)
+    with data.open("a", encoding="utf-8") as handle:
+        handle.write("9999,an extra review added after training,pos\n")
+    code = main(["export", str(run_dir), "--repository", str(tmp_path / "repo"), "--name", "m"])
+    assert code == ExitCode.DATA_ERROR
+    assert "not the file the run was trained on" in capsys.readouterr().err
+    assert versions(tmp_path / "repo", "m") == []

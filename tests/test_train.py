@@ -111,3 +111,13 @@ def test_train_help_and_failures(tmp_path, capsys):
     with pytest.raises(SystemExit) as usage:
         main(["train", "-a", "gru"])
     assert usage.value.code == ExitCode.USAGE
+
+
+def test_training_needs_validation_and_test_texts(tmp_path, capsys):
+    data = write_separable_csv(tmp_path / "d.csv", count=100)
+    for flag in ("--validation-fraction", "--test-fraction"):
+        code = main(["train", "-a", "bow", "-d", str(data), "-o", str(tmp_path / "r"),
+                     "--text-column", "review", "--label-column", "sentiment", flag, "0"])
+        assert code == ExitCode.USAGE
+        assert f"data.{flag[2:].replace('-', '_')} must be above 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
