@@ -142,10 +142,27 @@ class ModelRegistry:
                 current = self._models.get(name)
                 if current is not None and current.version == target.version:
                     continue
-                if target.version in self._failed.get(name, {}) and not retry_failed:
+                failed = self._failed.get(name, {})
+                if (target.version not in failed or retry_failed) and await self._load_and_swap(
+                        target, report):
                     continue
-                await self._load_and_swap(target, report)
+                if current is None and name not in self.settings.model_versions:
+                    await self._fall_back(name, found, target.version, report, retry_failed)
             return report
+
+    async def _fall_back(self, name: str, found: list[ModelVersion], newest: int,
+                         report: ScanReport, retry_failed: bool) -> None:
+        """Nothing serves ``name`` and its newest version was refused (at start-up, say):
+        serve the newest older version that loads, rather than nothing."""
+        for candidate in reversed(found):
+            if candidate.version >= newest:
+                continue
+            if candidate.version in self._failed.get(name, {}) and not retry_failed:
+                continue
+            if await self._load_and_swap(candidate, report):
+                log.warning("%s: serving version %d because %d was refused", name,
+                            candidate.version, newest)
+                return
 
     def _target(
         self, name: str, found: list[ModelVersion], report: ScanReport
@@ -158,14 +175,15 @@ class ModelRegistry:
             self._refuse(report, name, pinned, f"pinned version {name}/{pinned} not found")
         return match
 
-    async def _load_and_swap(self, target: ModelVersion, report: ScanReport) -> None:
+    async def _load_and_swap(self, target: ModelVersion, report: ScanReport) -> bool:
+        """Load ``target`` and swap it in; False (and remembered as failed) if it was refused."""
         name = target.name
         log.info("loading %s/%s from %s", name, target.version, target.directory)
         try:
             loaded = await asyncio.to_thread(self._loader, target, self.settings, self._builder)
         except (LoadError, ManifestError, OSError) as exc:
             self._refuse(report, name, target.version, str(exc).splitlines()[0])
-            return
+            return False
         served = self._activate(loaded)
         previous = self._models.get(name)
         self._models[name] = served  # the atomic swap
@@ -178,6 +196,7 @@ class ModelRegistry:
             task = asyncio.create_task(self._retire(previous))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
+        return True
 
     def _refuse(self, report: ScanReport, name: str, version: int, reason: str) -> None:
         log.error("refused %s/%s: %s", name, version, reason)

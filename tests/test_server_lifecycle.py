@@ -202,3 +202,18 @@ def test_full_queue_answers_resource_exhausted(start_server, tiny_repository: Pa
         assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue full" in caught.value.details
         assert first.result(5).results and queued.result(5).results
+
+
+def test_start_up_falls_back_to_the_newest_version_that_loads(repository_copy: Path,
+                                                              start_server) -> None:
+    copy_version(repository_copy, LSTM_NAME, 1, 2, corrupt=True)
+    lenient = start_server(server_settings(repository_copy, strict_startup=False))
+    with lenient.client() as client:
+        model = client.get_model(LSTM_NAME)
+        assert model.version == 1 and 2 in model.failed_versions
+        assert "sha256" in model.failed_versions[2]
+        assert client.classify(["fine"], model=LSTM_NAME).version == 1
+
+    strict = start_server(server_settings(repository_copy), wait=False)
+    with pytest.raises(Exception, match="refused"):
+        strict.wait_started()
