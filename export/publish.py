@@ -66,6 +66,7 @@ def publish(
                     f"{target} already exists; versions are never overwritten"
                 ) from None
             continue
+        sync_tree(staging)
         try:
             os.rename(staging, target)
         except OSError as error:
@@ -73,8 +74,27 @@ def publish(
             if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             continue
+        sync_directory(model_dir)  # the rename itself survives a power loss
         return number, target
     raise VersionExistsError(f"could not claim a version number under {model_dir}")
+
+
+def sync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_tree(staging: Path) -> None:
+    """Flush every staged file and the directory, so a version that appears after a crash has
+    whole files, not the truncated ones a later sha256 check would refuse."""
+    for path in staging.iterdir():
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    sync_directory(staging)
 
 
 def discard(staging: Path) -> None:
