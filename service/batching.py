@@ -215,14 +215,22 @@ class Batcher:
                     break
                 self._take_inbox()
             await self._slot.acquire()
-            self._take_inbox()  # what came while the previous batch was waiting
-            self._pending = self._drop_dead(self._pending)
-            if not self._pending:
+            try:
+                self._take_inbox()  # what came while the previous batch was waiting
+                self._pending = self._drop_dead(self._pending)
+                if not self._pending:
+                    self._slot.release()
+                    continue
+                chosen, rest = select_batch(
+                    self._pending, self._max_texts, self._max_tokens, self._cost_tokens)
+                batch = self._prepare(chosen)
+            except BaseException:
+                # Give the slot back (and keep every text pending) so a restarted scheduler,
+                # or close(), is not left waiting on a slot nobody will release.
                 self._slot.release()
-                continue
-            chosen, self._pending = select_batch(
-                self._pending, self._max_texts, self._max_tokens, self._cost_tokens)
-            self._ready.put_nowait(self._prepare(chosen))
+                raise
+            self._pending = rest
+            self._ready.put_nowait(batch)
 
     async def _execute(self) -> None:
         loop = asyncio.get_running_loop()
