@@ -99,11 +99,7 @@ def run_config_from_args(args: argparse.Namespace, architecture: str):
             model=parse_key_values(args.model_param, "--model-param"),
         )
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        message = first["msg"].removeprefix("Value error, ")
-        raise CommandError(f"invalid setting {where}: {message}" if where else message,
-                           ExitCode.USAGE) from error
+        raise CommandError.invalid_settings(error) from error
 
 
 def default_run_dir(dataset: str, architecture: str) -> Path:

@@ -110,9 +110,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServeSettings, set[str
     try:
         return ServeSettings(**given), set(given)
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise CommandError(f"invalid setting {where}: {first['msg']}", ExitCode.USAGE) from None
+        raise CommandError.invalid_settings(error) from None
 
 
 def handle_serve(args: argparse.Namespace) -> int:

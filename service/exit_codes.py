@@ -1,6 +1,10 @@
 """Process exit codes of the ``seqserve`` command, documented in the README."""
 
+from __future__ import annotations
+
 from enum import IntEnum
+
+from pydantic import ValidationError
 
 
 class ExitCode(IntEnum):
@@ -20,3 +24,12 @@ class CommandError(Exception):
     def __init__(self, message: str, code: ExitCode) -> None:
         super().__init__(message)
         self.code = code
+
+    @classmethod
+    def invalid_settings(cls, error: ValidationError) -> CommandError:
+        """A usage error naming the first setting pydantic refused, in one line."""
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        return cls(f"invalid setting {where}: {message}" if where
+                   else f"invalid settings: {message}", ExitCode.USAGE)
