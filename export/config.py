@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from export.datasets import DatasetSpec, list_builtin
+from service import defaults
 
 
 def builtin_has_test_split(source: str) -> bool:
@@ -56,7 +57,7 @@ class RunConfig(_Config):
     data: DatasetSpec
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    seed: int = 13
+    seed: int = defaults.SEED
     data_sha256: str | None = Field(
         default=None, description="a data file's sha256 at training time; export checks it")
 

@@ -25,6 +25,7 @@ from export.builtin_datasets import (
     load_builtin,
 )
 from export.dataset_io import DatasetError, Examples, read_examples
+from service import defaults
 
 __all__ = [
     "BuiltinInfo",
@@ -51,7 +52,7 @@ class DatasetSpec(BaseModel):
     format: Literal["auto", "csv", "tsv", "jsonl"] = Field(
         "auto", description="file format; auto picks it from the extension"
     )
-    seed: int = 13
+    seed: int = defaults.SEED
     validation_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="ignored by built-ins that ship their own test split"

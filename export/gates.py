@@ -12,9 +12,9 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
-from export.onnx_eval import run_logits
-from service.probabilities import softmax
-from service.tokenization import pad_batch
+from service.repo.graph import run_logits
+from service.repo.probabilities import softmax
+from service.repo.tokenization import pad_batch
 
 PARITY_BATCH_SIZES = (1, 7, 32)
 
@@ -68,12 +68,12 @@ def parity_batches(ids: list[list[int]], batch_sizes=PARITY_BATCH_SIZES) -> list
 
 
 def check_parity(torch_logits_fn, session: ort.InferenceSession, ids: list[list[int]],
-                 tolerance: float) -> ParityResult:
+                 tolerance: float, *, pad_id: int = 0) -> ParityResult:
     """``torch_logits_fn(input_ids, attention_mask) -> np.ndarray`` runs the PyTorch model."""
     worst, worst_case, rows = 0.0, "", 0
     sizes = []
     for batch_ids in parity_batches(ids):
-        batch = pad_batch(batch_ids)
+        batch = pad_batch(batch_ids, pad_id=pad_id)
         expected = softmax(torch_logits_fn(batch.input_ids, batch.attention_mask))
         actual = softmax(run_logits(session, batch.input_ids, batch.attention_mask))
         diff = np.abs(expected - actual).max(axis=1)

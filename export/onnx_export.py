@@ -39,11 +39,16 @@ import onnx
 import torch
 from torch import nn
 
-from service.probabilities import softmax
+from service.repo.graph import (
+    DEFAULT_OPSET,
+    INPUT_NAMES,
+    OUTPUT_NAME,
+    OUTPUT_NAMES,
+    open_session,
+    run_logits,
+)
+from service.repo.probabilities import softmax
 
-INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAMES = ("logits",)
-DEFAULT_OPSET = 18
 # An export of these small models takes 2–15 s; the margin covers a loaded 2-core machine.
 SUBPROCESS_TIMEOUT_S = 600.0
 # Example input shape for tracing. Neither dim may be 0 or 1 (torch.export specialises those),
@@ -114,7 +119,7 @@ def check_exported_graph(model: onnx.ModelProto) -> None:
             f"expected {list(INPUT_NAMES)} and {list(OUTPUT_NAMES)}"
         )
     expected_types = {name: onnx.TensorProto.INT64 for name in INPUT_NAMES}
-    expected_types["logits"] = onnx.TensorProto.FLOAT
+    expected_types[OUTPUT_NAME] = onnx.TensorProto.FLOAT
     for value in [*graph.input, *graph.output]:
         elem_type = value.type.tensor_type.elem_type
         if elem_type != expected_types[value.name]:
@@ -210,16 +215,12 @@ def _random_batch(vocab_size: int, batch: int, length: int) -> tuple[np.ndarray,
 
 def _check_parity(model: nn.Module, path: Path) -> None:
     # Imported here: only the check needs it, and the module stays importable without it.
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = open_session(path)
     device = _device_of(model)
     for batch, length in _SMOKE_SHAPES:
         input_ids, attention_mask = _random_batch(_vocab_size_of(model), batch, length)
         try:
-            (ort_logits,) = session.run(
-                list(OUTPUT_NAMES), {"input_ids": input_ids, "attention_mask": attention_mask}
-            )
+            ort_logits = run_logits(session, input_ids, attention_mask)
         except Exception as e:  # ORT raises its own exception types for shape errors
             raise OnnxExportError(
                 f"ONNX Runtime cannot run the exported graph at batch {batch}, length {length}: "

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from service.repository import next_version_number
+from service.repo.layout import next_version_number
 
 TEMP_PREFIX = ".tmp-"
 # Concurrent exporters that race for the same number each retry with the next one.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from service.tokenization import PAD_ID, PAD_TOKEN, UNK_TOKEN, TextTokenizer
+from service.repo.tokenization import PAD_ID, PAD_TOKEN, UNK_TOKEN, TextTokenizer
 
 # Order fixes the ids: [PAD] must be 0 to match every embedding's padding_idx.
 SPECIAL_TOKENS = [PAD_TOKEN, UNK_TOKEN]

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,8 @@ from export.config import (
 from export.datasets import DatasetSplits, is_builtin_source, load_dataset
 from export.tokenizer import save_tokenizer, train_tokenizer
 from models import create_model, default_config
-from service.manifest import sha256_file
-from service.tokenization import TextTokenizer, pad_batch
+from service.repo.manifest import sha256_file
+from service.repo.tokenization import TextTokenizer, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +173,7 @@ def prepare_data(config: RunConfig, run_dir: Path) -> tuple[DatasetSplits, TextT
 def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainResult:
     """Train one model and write its run directory; returns the held-out test metrics."""
     started = time.monotonic()
-    # Reject unknown hyperparameters before any file is written (a throwaway 2-token model).
-    create_model(config.architecture,
-                 {**asdict(default_config(config.architecture, vocab_size=2, num_labels=2)),
-                  **config.model, "vocab_size": 2, "num_labels": 2})
+    check_model_parameters(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.training.threads:
         torch.set_num_threads(config.training.threads)
@@ -183,56 +181,68 @@ def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainRe
     device = resolve_device(config.training.device)
 
     splits, tokenizer = prepare_data(config, run_dir)
-    train_split = encode_split(tokenizer, splits.train)
-    validation_split = encode_split(tokenizer, splits.validation)
-    test_split = encode_split(tokenizer, splits.test)
-
-    model_config = asdict(
-        default_config(config.architecture, vocab_size=tokenizer.vocab_size,
-                       num_labels=len(splits.labels))
-    )
-    model_config.update(config.model)
-    model_config.update(vocab_size=tokenizer.vocab_size, num_labels=len(splits.labels))
-    resolved = config.model_copy(update={"model": model_config, **pin_data_file(config)})
-    resolved.save(run_dir)
+    train_split, validation_split, test_split = (
+        encode_split(tokenizer, split) for split in (splits.train, splits.validation, splits.test))
+    model_config = resolved_model_config(config, tokenizer.vocab_size, len(splits.labels))
+    config.model_copy(update={"model": model_config, **pin_data_file(config)}).save(run_dir)
     (run_dir / LABELS_FILE).write_text(json.dumps(splits.labels, indent=2) + "\n", "utf-8")
 
     seed_everything(config.seed)
     model = create_model(config.architecture, model_config).to(device)
+    history, best_epoch, best_state = fit(model, config, train_split, validation_split,
+                                          splits.labels, device, progress=progress)
+    model.load_state_dict(best_state)
+    torch.save(best_state, run_dir / WEIGHTS_FILE)
+    predictions, _ = predict(model, test_split, device)
+    test_report = classification_report(test_split.labels, predictions, splits.labels)
+    result = TrainResult(run_dir, test_report, best_epoch, len(history),
+                         time.monotonic() - started, history)
+    write_metrics(result, splits, device)
+    plot_training_curve(history, run_dir, title=f"{config.architecture} on {splits.name}")
+    return result
+
+
+def check_model_parameters(config: RunConfig) -> None:
+    """Reject unknown hyperparameters before any file is written (a throwaway 2-token model)."""
+    create_model(config.architecture,
+                 {**asdict(default_config(config.architecture, vocab_size=2, num_labels=2)),
+                  **config.model, "vocab_size": 2, "num_labels": 2})
+
+
+def resolved_model_config(config: RunConfig, vocab_size: int, num_labels: int) -> dict:
+    """The architecture's defaults, the run's overrides, and the data's sizes on top."""
+    model_config = asdict(default_config(config.architecture, vocab_size=vocab_size,
+                                         num_labels=num_labels))
+    model_config.update(config.model)
+    model_config.update(vocab_size=vocab_size, num_labels=num_labels)
+    return model_config
+
+
+def fit(model: nn.Module, config: RunConfig, train_split: EncodedSplit,
+        validation_split: EncodedSplit, labels: list[str], device: torch.device, *,
+        progress: bool) -> tuple[list[EpochRecord], int, dict]:
+    """Epochs until ``epochs`` or early stopping; the history, best epoch and its weights."""
     hp = config.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate,
                                   weight_decay=hp.weight_decay)
     steps_per_epoch = math.ceil(len(train_split) / hp.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then_linear_decay(steps_per_epoch * hp.epochs, hp.warmup_fraction)
-    )
+        optimizer, warmup_then_linear_decay(steps_per_epoch * hp.epochs, hp.warmup_fraction))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
     rng = np.random.default_rng(config.seed)
-
     history: list[EpochRecord] = []
     best_accuracy, best_epoch, best_state = -1.0, 0, None
     for epoch in range(1, hp.epochs + 1):
         epoch_started = time.monotonic()
-        model.train()
-        running_loss, seen = 0.0, 0
         bar = tqdm(training_batches(train_split, hp.batch_size, rng), total=steps_per_epoch,
                    desc=f"{config.architecture} epoch {epoch}/{hp.epochs}", disable=not progress,
                    leave=False, unit="batch")
-        for rows in bar:
-            input_ids, attention_mask, labels = to_tensors(train_split, rows, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(input_ids, attention_mask), labels)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            running_loss += loss.item() * len(rows)
-            seen += len(rows)
-            bar.set_postfix(loss=f"{running_loss / seen:.4f}")
+        train_loss = train_epoch(model, bar, train_split, optimizer, scheduler, loss_fn,
+                                 hp.grad_clip, device)
         predictions, validation_loss = predict(model, validation_split, device)
-        report = classification_report(validation_split.labels, predictions, splits.labels)
-        record = EpochRecord(epoch, running_loss / max(seen, 1), validation_loss,
-                             report.accuracy, report.macro_f1, time.monotonic() - epoch_started)
+        report = classification_report(validation_split.labels, predictions, labels)
+        record = EpochRecord(epoch, train_loss, validation_loss, report.accuracy,
+                             report.macro_f1, time.monotonic() - epoch_started)
         history.append(record)
         log.info("%s epoch %d: train loss %.4f, validation accuracy %.4f (%.1fs)",
                  config.architecture, epoch, record.train_loss, record.validation_accuracy,
@@ -243,17 +253,29 @@ def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainRe
         elif epoch - best_epoch >= hp.patience:
             log.info("early stop: no improvement for %d epochs", hp.patience)
             break
-
     assert best_state is not None
-    model.load_state_dict(best_state)
-    torch.save(best_state, run_dir / WEIGHTS_FILE)
-    predictions, _ = predict(model, test_split, device)
-    test_report = classification_report(test_split.labels, predictions, splits.labels)
-    duration = time.monotonic() - started
-    result = TrainResult(run_dir, test_report, best_epoch, len(history), duration, history)
-    write_metrics(result, splits, device)
-    plot_training_curve(history, run_dir, title=f"{config.architecture} on {splits.name}")
-    return result
+    return history, best_epoch, best_state
+
+
+def train_epoch(model: nn.Module, batches: Any, split: EncodedSplit,
+                optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: nn.Module,
+                grad_clip: float, device: torch.device) -> float:
+    """One pass over ``batches`` (row index arrays); the mean training loss."""
+    model.train()
+    running_loss, seen = 0.0, 0
+    for rows in batches:
+        input_ids, attention_mask, labels = to_tensors(split, rows, device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(input_ids, attention_mask), labels)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        running_loss += loss.item() * len(rows)
+        seen += len(rows)
+        if hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{running_loss / seen:.4f}")
+    return running_loss / max(seen, 1)
 
 
 def write_metrics(result: TrainResult, splits: DatasetSplits, device: torch.device) -> None:

@@ -1,0 +1,1 @@
+"""seqserve: serve text classifiers over gRPC with ONNX Runtime, and compare architectures."""

@@ -15,8 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.seqserve.v1 import seqserve_pb2 as pb
 from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from service import defaults
 
-DEFAULT_TARGET = "localhost:50051"
+DEFAULT_TARGET = defaults.SERVER
 # Responses carry one result per text; leave room for large requests' answers.
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
             ("grpc.max_send_message_length", 64 << 20)]
@@ -81,6 +82,7 @@ class ModelDescription:
     failed_versions: dict[int, str] = field(default_factory=dict)
     load_seconds: float = 0.0
     evaluation: dict[str, Any] = field(default_factory=dict)
+    max_texts_per_request: int = 0  # 0: a server too old to say
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def from_model_info(info: pb.ModelInfo) -> ModelDescription:
         providers=list(info.providers), available_versions=list(info.available_versions),
         failed_versions={f.version: f.reason for f in info.failed_versions},
         load_seconds=info.load_seconds, evaluation=evaluation,
+        max_texts_per_request=info.max_texts_per_request,
     )
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_harness import RunningServer, free_port, server_settings
+from harness.server import RunningServer, free_port, server_settings
 
 
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Built once per session; never modify it: copy it with ``repository_copy``."""
-    from model_factory import build_tiny_repository  # only sessions that need it pay
+    from harness.tiny_models import build_tiny_repository  # only sessions that need it pay
 
     return build_tiny_repository(tmp_path_factory.mktemp("tiny-repository") / "repo")
 

@@ -11,13 +11,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 WITHOUT_TORCH = """
-import sys
+import importlib, pkgutil, sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError
-import service.cli
-service.cli.build_parser()
-import service.server, service.bench, service.report, service.demo, service.kserve
+sys.modules["transformers"] = None
+import service
+for module in pkgutil.walk_packages(service.__path__, "service."):
+    if not module.name.endswith("__main__"):
+        importlib.import_module(module.name)  # every serving-side module, the CLI too
 import export.datasets
-sys.exit(service.cli.main(["train", "-a", "lstm"]))
+import service.cli.main
+service.cli.main.build_parser()
+sys.exit(service.cli.main.main(["train", "-a", "lstm"]))
 """
 
 

@@ -161,7 +161,7 @@ class FailedVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions")
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,7 @@ class ModelInfo(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     available_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -190,4 +191,5 @@ class ModelInfo(_message.Message):
     load_seconds: float
     created_at: str
     failed_versions: _containers.RepeatedCompositeFieldContainer[FailedVersion]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ...) -> None: ...
+    max_texts_per_request: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ...) -> None: ...

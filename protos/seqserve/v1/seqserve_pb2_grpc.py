@@ -73,8 +73,9 @@ class ClassifierServicer:
 
     def ClassifyStream(self, request_iterator, context):
         """Bidirectional stream of Classify calls. Each request message is answered by exactly one
-        response message, in the order the requests were sent. Several requests of one stream may
-        be in flight at once (limit: max_stream_inflight, default 16), which lets them share batches.
+        response message, in the order the requests were sent. At most max_stream_inflight
+        requests of one stream (default 16) are being classified at once, which lets them share
+        batches; further requests are read only as earlier ones are answered (flow control).
         A request that fails is answered with an `error` message and the stream goes on; the stream
         itself ends with a status only when the transport or the server ends it.
         """

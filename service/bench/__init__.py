@@ -1,0 +1,1 @@
+"""The benchmark: load generator, in-process ONNX Runtime baseline, child server, texts."""

@@ -1,0 +1,1 @@
+"""Every ``seqserve`` command, one module per command group, and the exit codes."""

@@ -1,0 +1,198 @@
+"""``seqserve export`` and ``seqserve build``: what release pipelines script.
+
+Every command prints one JSON object with ``--json``; exit codes are in
+``service/cli/exit_codes.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service import defaults
+from service.cli.exit_codes import CommandError, ExitCode
+from service.cli.train import default_run_dir, require_training_extra, run_config_from_args
+from service.repo.graph import DEFAULT_OPSET
+from service.repo.layout import latest_version
+from service.repo.manifest import ManifestError
+
+log = logging.getLogger(__name__)
+
+BUILD_DATASET = "rotten-tomatoes"
+BUILD_ARCHITECTURES = ("lstm", "transformer")
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the gate flags of ``export`` and ``build`` ask for; unset gates keep their defaults."""
+
+    parity_tolerance: float | None = None
+    fp16_min_agreement: float | None = None
+    fp16_max_accuracy_drop: float | None = None
+    allow_fp16_failure: bool = False
+    opset: int = DEFAULT_OPSET
+    json: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExportOptions:
+        return cls(parity_tolerance=args.parity_tolerance,
+                   fp16_min_agreement=args.fp16_min_agreement,
+                   fp16_max_accuracy_drop=args.fp16_max_accuracy_drop,
+                   allow_fp16_failure=args.allow_fp16_failure, opset=args.opset, json=args.json)
+
+    def gates(self) -> Any:
+        from export.gates import GateSettings
+
+        values = {"parity_tolerance": self.parity_tolerance,
+                  "fp16_min_agreement": self.fp16_min_agreement,
+                  "fp16_max_accuracy_drop": self.fp16_max_accuracy_drop}
+        return GateSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def run_export(run_dir: Path, repository: Path, name: str, options: ExportOptions,
+               version: int | None = None) -> dict:
+    """Export one run behind the gates; every failure becomes a ``CommandError``."""
+    from export.datasets import DatasetError
+    from export.gates import GateFailure
+    from export.pipeline import export_run
+    from export.publish import VersionExistsError
+
+    if not (run_dir / "model.pt").is_file():
+        raise CommandError(f"{run_dir}: not a run directory (no model.pt)", ExitCode.DATA_ERROR)
+    try:
+        result = export_run(run_dir, repository, name, version=version, gates=options.gates(),
+                            opset=options.opset, allow_fp16_failure=options.allow_fp16_failure)
+    except GateFailure as failure:
+        if options.json:
+            print(json.dumps({"ok": False, "error": str(failure), **failure.report},
+                             default=str))
+        raise CommandError(str(failure), ExitCode.GATE_FAILED) from failure
+    except VersionExistsError as error:
+        raise CommandError(str(error), ExitCode.IO_ERROR) from error
+    except (DatasetError, ManifestError) as error:
+        raise CommandError(str(error), ExitCode.DATA_ERROR) from error
+    except PermissionError as error:
+        raise CommandError(f"cannot write {error.filename}: permission denied",
+                           ExitCode.IO_ERROR) from error
+    return result.to_dict()
+
+
+def describe_export(report: dict) -> str:
+    evaluation = report["evaluation"]
+    fp16 = next(a for a in report["artifacts"] if a["precision"] == "fp16")
+    kept = f", {'+'.join(fp16['fp32_op_types'])} kept in fp32" if fp16["fp32_op_types"] else ""
+    parity = evaluation["onnx_vs_torch_max_abs_diff"]
+    return (f"{report['name']} v{report['version']} ({report['architecture']}): parity "
+            f"{'-' if parity is None else f'{parity:.1e}'}, accuracy fp32 "
+            f"{evaluation['fp32']['accuracy']:.4f} / fp16 {evaluation['fp16']['accuracy']:.4f}, "
+            f"fp16 agreement {evaluation['fp16_agreement']:.4f} "
+            f"({'passed' if fp16['passed_gates'] else 'FAILED'}{kept}), "
+            f"{report['export_seconds']:.0f}s → {report['path']}")
+
+
+def handle_export(args: argparse.Namespace) -> int:
+    require_training_extra()
+    report = run_export(args.run_dir, args.repository, args.name, ExportOptions.from_args(args),
+                        version=args.version)
+    print(json.dumps({"ok": True, **report}) if args.json else describe_export(report))
+    return ExitCode.OK
+
+
+def default_build_config(architecture: str) -> Any:
+    """The run config ``seqserve build`` trains ``architecture`` with when no flag changes it."""
+    from export.config import default_run_config
+    from export.datasets import DatasetSpec
+
+    return default_run_config(architecture, DatasetSpec(source=BUILD_DATASET))
+
+
+def build_defaults(repository: Path, runs: Path, *, options: ExportOptions,
+                   config_for: Callable[[str], Any] = default_build_config,
+                   include_bow: bool = False, force: bool = False) -> list[dict]:
+    """Train (where no run exists) and export the default models, skipping those already in
+    ``repository``; one report per model. ``config_for(architecture)`` gives a run's config."""
+    from export.train import train
+
+    architectures = list(BUILD_ARCHITECTURES) + (["bow"] if include_bow else [])
+    built = []
+    for architecture in architectures:
+        name = f"sentiment-{architecture}"
+        existing = latest_version(repository, name)
+        if existing is not None and not force:
+            log.info("%s: version %d already in %s", name, existing.version, repository)
+            built.append({"name": name, "version": existing.version, "skipped": True,
+                          "path": str(existing.directory)})
+            continue
+        run_dir = runs / default_run_dir(BUILD_DATASET, architecture).name
+        if not (run_dir / "metrics.json").is_file():
+            log.info("training %s on %s → %s", architecture, BUILD_DATASET, run_dir)
+            result = train(config_for(architecture), run_dir,
+                           progress=not options.json and sys.stderr.isatty())
+            log.info("%s: test accuracy %.4f", architecture, result.test.accuracy)
+        report = run_export(run_dir, repository, name, options)
+        if not options.json:
+            print(describe_export(report))
+        built.append({**report, "skipped": False})
+    return built
+
+
+def handle_build(args: argparse.Namespace) -> int:
+    require_training_extra()
+    built = build_defaults(args.repository, args.runs, options=ExportOptions.from_args(args),
+                           config_for=lambda arch: run_config_from_args(args, arch),
+                           include_bow=args.include_bow, force=args.force)
+    if args.json:
+        print(json.dumps({"ok": True, "repository": str(args.repository), "models": built}))
+    return ExitCode.OK
+
+
+def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gates")
+    group.add_argument("--parity-tolerance", type=float,
+                       help="max abs probability difference ONNX vs PyTorch (default: 1e-4)")
+    group.add_argument("--fp16-min-agreement", type=float,
+                       help="fp16 vs fp32 prediction agreement (default: 0.995)")
+    group.add_argument("--fp16-max-accuracy-drop", type=float,
+                       help="fraction of accuracy fp16 may lose (default: 0.005)")
+    group.add_argument("--allow-fp16-failure", action="store_true",
+                       help="publish anyway when fp16 fails its gate (marked failed, not served)")
+    group.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                       help="ONNX opset (default: %(default)s)")
+
+
+def add_export_commands(commands: argparse._SubParsersAction) -> None:
+    from service.cli.train import add_training_arguments
+
+    export = commands.add_parser("export", help="export a run to ONNX into a model repository")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--repository", type=Path, default=defaults.REPOSITORY,
+                        help="default: ./model_repository")
+    export.add_argument("--name", required=True, help="model name, e.g. sentiment-lstm")
+    export.add_argument("--version", type=int,
+                        help="pin the version number (refused if it exists); default: next")
+    export.add_argument("--json", action="store_true", help="print one JSON object")
+    add_gate_arguments(export)
+    export.set_defaults(handler=handle_export)
+
+    build = commands.add_parser(
+        "build", help="train (if needed) and export the default LSTM + Transformer pair",
+        description=f"Trains on {BUILD_DATASET} where no run exists and exports "
+                    "sentiment-lstm and sentiment-transformer (and sentiment-bow with "
+                    "--include-bow) into the repository, skipping models already there.")
+    build.add_argument("--repository", type=Path, default=defaults.REPOSITORY,
+                       help="default: ./model_repository")
+    build.add_argument("--runs", type=Path, default=defaults.RUNS, help="default: ./runs")
+    build.add_argument("--include-bow", action="store_true", help="also the bag-of-embeddings")
+    build.add_argument("--force", action="store_true", help="export a new version even if present")
+    build.add_argument("--json", action="store_true")
+    add_gate_arguments(build)
+    add_training_arguments(build)
+    build.set_defaults(handler=handle_build, dataset=BUILD_DATASET, text_column="text",
+                       label_column="label", format="auto", validation_fraction=0.1,
+                       test_fraction=0.1)

@@ -1,0 +1,168 @@
+"""``seqserve train``, and the data and training flags that ``build`` shares with it.
+
+torch is imported only inside the handlers, so ``seqserve --help`` works on a serving install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from service import defaults
+from service.cli.exit_codes import CommandError, ExitCode
+
+ARCHITECTURE_CHOICES = ["lstm", "transformer", "bow"]
+
+
+def require_training_extra() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as error:
+        raise CommandError(
+            "this command needs torch: pip install 'seqserve[train]'", ExitCode.MISSING_EXTRA
+        ) from error
+
+
+def parse_key_values(pairs: list[str], flag: str) -> dict[str, Any]:
+    """``key=value`` pairs with JSON values where they parse (numbers, booleans), else strings."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"{flag}: expected KEY=VALUE, got '{pair}'", ExitCode.USAGE)
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", "-d", default="rotten-tomatoes",
+                       help="built-in name (see `seqserve data list`) or a CSV/TSV/JSONL file"
+                            " (default: rotten-tomatoes)")
+    group.add_argument("--text-column", default="text", help="default: text")
+    group.add_argument("--label-column", default="label", help="default: label")
+    group.add_argument("--format", default="auto", choices=["auto", "csv", "tsv", "jsonl"],
+                       help="file format (default: from the extension)")
+    group.add_argument("--validation-fraction", type=float, default=0.1, help="default: 0.1")
+    group.add_argument("--test-fraction", type=float, default=0.1,
+                       help="default: 0.1 (built-in datasets with their own test split keep it)")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training (defaults depend on architecture and dataset)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--batch-size", type=int)
+    group.add_argument("--learning-rate", "--lr", type=float)
+    group.add_argument("--patience", type=int, help="early stopping patience in epochs")
+    group.add_argument("--max-length", type=int, help="tokens per text; longer texts truncated")
+    group.add_argument("--vocab-size", type=int)
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    group.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    group.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
+                       help="model hyperparameter override, e.g. hidden_size=64 (repeatable)")
+    group.add_argument("--seed", type=int, default=defaults.SEED,
+                       help="default: %(default)s")
+
+
+def run_config_from_args(args: argparse.Namespace, architecture: str):
+    from pydantic import ValidationError
+
+    from export.config import default_run_config
+    from export.datasets import DatasetSpec
+
+    try:
+        data = DatasetSpec(
+            source=args.dataset, text_column=args.text_column, label_column=args.label_column,
+            format=args.format, seed=args.seed, validation_fraction=args.validation_fraction,
+            test_fraction=args.test_fraction,
+        )
+        training = {
+            key: value
+            for key, value in {
+                "epochs": args.epochs, "batch_size": args.batch_size,
+                "learning_rate": args.learning_rate, "patience": args.patience,
+                "device": args.device, "threads": args.threads,
+            }.items()
+            if value is not None
+        }
+        tokenizer = {
+            key: value
+            for key, value in {"max_length": args.max_length, "vocab_size": args.vocab_size}.items()
+            if value is not None
+        }
+        return default_run_config(
+            architecture, data, training=training, tokenizer=tokenizer, seed=args.seed,
+            model=parse_key_values(args.model_param, "--model-param"),
+        )
+    except ValidationError as error:
+        raise CommandError.invalid_settings(error) from error
+
+
+def default_run_dir(dataset: str, architecture: str) -> Path:
+    return defaults.RUNS / f"{Path(dataset).stem}-{architecture}"
+
+
+def check_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise CommandError(
+            f"{run_dir} already holds a run; pass --overwrite or choose --output",
+            ExitCode.IO_ERROR,
+        )
+
+
+def handle_train(args: argparse.Namespace) -> int:
+    require_training_extra()
+    from export.datasets import DatasetError
+    from export.train import train
+
+    config = run_config_from_args(args, args.architecture)
+    run_dir = args.output or default_run_dir(args.dataset, args.architecture)
+    check_run_dir(run_dir, overwrite=args.overwrite)
+    try:
+        result = train(config, run_dir, progress=not args.json and sys.stderr.isatty())
+    except DatasetError as error:
+        raise CommandError(str(error), ExitCode.DATA_ERROR) from error
+    except ValueError as error:  # e.g. an unknown model hyperparameter
+        raise CommandError(str(error), ExitCode.USAGE) from error
+    summary = {
+        "run_dir": str(run_dir),
+        "architecture": config.architecture,
+        "dataset": config.data.source,
+        "test_accuracy": round(result.test.accuracy, 4),
+        "test_macro_f1": round(result.test.macro_f1, 4),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "duration_seconds": round(result.duration_seconds, 1),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{config.architecture} on {config.data.source}: test accuracy "
+              f"{result.test.accuracy:.4f}, macro-F1 {result.test.macro_f1:.4f} "
+              f"(best epoch {result.best_epoch}/{result.epochs_run}, "
+              f"{result.duration_seconds:.0f}s) → {run_dir}")
+    return ExitCode.OK
+
+
+def add_train_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train", help="train a classifier into a run directory",
+        description="Train an LSTM, Transformer or bag-of-embeddings classifier. Writes a run"
+                    " directory: config.json, tokenizer.json, labels.json, model.pt,"
+                    " metrics.json, training_curve.png.",
+    )
+    parser.add_argument("--architecture", "-a", required=True, choices=ARCHITECTURE_CHOICES)
+    parser.add_argument("--output", "-o", type=Path,
+                        help="run directory (default: runs/DATASET-ARCHITECTURE)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary line")
+    add_dataset_arguments(parser)
+    add_training_arguments(parser)
+    parser.set_defaults(handler=handle_train)
+

@@ -1,0 +1,154 @@
+"""The manifest that describes one published model version (``manifest.json``).
+
+Written by the exporter, read by the server; shared here so the serving install, which has no
+torch, can validate it. Every artifact's sha256 is recorded so the server can refuse a file that
+is not the one that was evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.repo.graph import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, SEQUENCE_DIM
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+Precision = Literal["fp32", "fp16"]
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or does not validate; the message is one line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: Literal["int64", "float32", "float16"]
+    shape: list[str | int] = Field(description="symbolic dims are strings, e.g. 'batch'")
+
+
+def contract_inputs() -> list[TensorSpec]:
+    """The graph inputs every architecture takes (``service/repo/graph.py``)."""
+    return [TensorSpec(name=name, dtype="int64", shape=[BATCH_DIM, SEQUENCE_DIM])
+            for name in INPUT_NAMES]
+
+
+def contract_outputs(num_labels: int) -> list[TensorSpec]:
+    return [TensorSpec(name=OUTPUT_NAME, dtype="float32", shape=[BATCH_DIM, num_labels])]
+
+
+class TokenizerSpec(_Strict):
+    file: str = "tokenizer.json"
+    sha256: str
+    max_length: int = Field(gt=0, description="texts longer than this are truncated")
+    pad_id: int = 0
+
+
+class Artifact(_Strict):
+    precision: Precision
+    file: str
+    sha256: str
+    bytes: int = Field(ge=0)
+    opset: int = Field(ge=1)
+    passed_gates: bool = Field(description="false: kept for inspection, never served by default")
+    fp32_op_types: list[str] = Field(
+        default_factory=list,
+        description="op types kept in fp32 inside an fp16 artifact (mixed precision)",
+    )
+
+
+class PrecisionEvaluation(_Strict):
+    accuracy: float
+    macro_f1: float
+
+
+class Evaluation(_Strict):
+    dataset: str
+    split: str
+    examples: int
+    fp32: PrecisionEvaluation
+    fp16: PrecisionEvaluation | None = None
+    fp16_agreement: float | None = Field(
+        default=None, description="fraction of texts where fp16 and fp32 predict the same label"
+    )
+    fp16_max_abs_diff: float | None = None
+    onnx_vs_torch_max_abs_diff: float | None = Field(
+        default=None, description="probabilities, parity gate; None: no PyTorch model to compare")
+    parity_batch_sizes: list[int] = Field(default_factory=list)
+
+
+class TrainingSummary(_Strict):
+    dataset: str
+    epochs: int
+    seed: int
+    hyperparameters: dict[str, float | int | str | bool | None]
+    duration_seconds: float
+    test_accuracy: float
+    test_macro_f1: float
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
+    version: int = Field(gt=0)
+    architecture: str
+    labels: list[str] = Field(min_length=2)
+    tokenizer: TokenizerSpec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    artifacts: list[Artifact] = Field(min_length=1)
+    evaluation: Evaluation
+    training: TrainingSummary
+    created_at: datetime
+    source_commit: str | None = None
+
+    def check_contract(self) -> None:
+        """Raises ``ManifestError`` unless inputs and outputs are the graph contract's, with one
+        logit per label: the server feeds exactly those names and shapes."""
+        expected_in, expected_out = contract_inputs(), contract_outputs(len(self.labels))
+        if self.inputs != expected_in:
+            raise ManifestError(f"{self.name}/{self.version}: manifest inputs "
+                                f"{[i.model_dump() for i in self.inputs]} are not the contract's "
+                                f"{[i.model_dump() for i in expected_in]}")
+        if self.outputs != expected_out:
+            raise ManifestError(f"{self.name}/{self.version}: manifest outputs "
+                                f"{[o.model_dump() for o in self.outputs]} are not the contract's "
+                                f"{[o.model_dump() for o in expected_out]} ({len(self.labels)} "
+                                "labels)")
+
+    def artifact(self, precision: Precision) -> Artifact | None:
+        return next((a for a in self.artifacts if a.precision == precision), None)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest:
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise ManifestError(f"{path}: no manifest") from exc
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(root)"
+            raise ManifestError(
+                f"{path}: invalid manifest at '{where}': {first['msg']}"
+                f" ({exc.error_count()} error(s))"
+            ) from exc
+
+    def write(self, path: Path) -> None:
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

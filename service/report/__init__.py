@@ -1,0 +1,1 @@
+"""The architecture comparison: Markdown report, claims worded from the numbers, charts."""

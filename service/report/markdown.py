@@ -1,0 +1,225 @@
+"""The architecture comparison as one Markdown file, from a bench run and the models'
+manifests, with PNG charts beside it."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPORT_FILE = "report.md"
+BENCH_SCHEMA_VERSION = 1
+
+
+class ReportError(Exception):
+    """The bench document cannot be reported on; the message is one line."""
+
+
+def load_bench(path: Path) -> dict[str, Any]:
+    """The ``bench.json`` in ``path`` (a ``seqserve bench --out`` directory, or the file)."""
+    from service.bench.output import load_document
+
+    try:
+        document = load_document(path)
+    except FileNotFoundError:
+        raise ReportError(f"--bench {path}: no bench.json there (run `seqserve bench --out DIR` "
+                          "first)") from None
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReportError(f"--bench {path}: {error}") from None
+    if not isinstance(document, dict) or document.get("schema_version") != BENCH_SCHEMA_VERSION:
+        raise ReportError(f"--bench {path}: not a seqserve bench.json (schema "
+                          f"{BENCH_SCHEMA_VERSION})")
+    return document
+
+
+def model_quality(document: dict[str, Any], repository: Path | None) -> list[dict[str, Any]]:
+    """Accuracy, macro-F1 and fp16 agreement per benchmarked model, from its manifest."""
+    from service.repo.layout import ModelVersion
+
+    rows = []
+    for model in document.get("models", []):
+        row: dict[str, Any] = {"name": model["name"], "version": model["version"],
+                               "architecture": model["architecture"], "source": "bench"}
+        evaluation = model.get("evaluation") or {}
+        row.update({key: evaluation.get(key) for key in (
+            "dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy",
+            "fp16_macro_f1", "fp16_agreement")})
+        if repository is not None:
+            directory = repository / model["name"] / str(model["version"])
+            manifest = ModelVersion(model["name"], model["version"], directory).load_manifest()
+            ev = manifest.evaluation
+            row.update(source="manifest", dataset=ev.dataset, split=ev.split,
+                       examples=ev.examples, fp32_accuracy=ev.fp32.accuracy,
+                       fp32_macro_f1=ev.fp32.macro_f1,
+                       fp16_accuracy=ev.fp16.accuracy if ev.fp16 else None,
+                       fp16_macro_f1=ev.fp16.macro_f1 if ev.fp16 else None,
+                       fp16_agreement=ev.fp16_agreement, fp16_max_abs_diff=ev.fp16_max_abs_diff,
+                       epochs=manifest.training.epochs,
+                       training_seconds=manifest.training.duration_seconds,
+                       model_bytes=next((a.bytes for a in manifest.artifacts
+                                         if a.precision == "fp32"), None))
+        rows.append(row)
+    return rows
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _quality_section(quality: list[dict[str, Any]]) -> list[str]:
+    from service.bench.output import fmt
+
+    rows = [[q["architecture"], f"{q['name']} v{q['version']}", fmt(q.get("fp32_accuracy"), 4),
+             fmt(q.get("fp16_accuracy"), 4), fmt(q.get("fp32_macro_f1"), 4),
+             fmt(q.get("fp16_macro_f1"), 4), fmt(q.get("fp16_agreement"), 4),
+             fmt(q.get("fp16_max_abs_diff"), 5), fmt(q.get("examples")),
+             fmt(q.get("training_seconds"), 0)] for q in quality]
+    source = "manifests" if all(q["source"] == "manifest" for q in quality) else (
+        "the evaluation the server reported during the bench")
+    return ["## Model quality", "", f"Test-set figures from {source}.", "",
+            *_md_table(["architecture", "model", "accuracy fp32", "accuracy fp16",
+                        "macro-F1 fp32", "macro-F1 fp16", "fp16 agreement",
+                        "fp16 max abs diff", "test texts", "training s"], rows),
+            "![accuracy](accuracy.png)", ""]
+
+
+def _latency_section(cells: list[dict[str, Any]], modes: list[Any]) -> list[str]:
+    from service.bench.output import fmt, spin_label
+    from service.report.claims import busiest, one_text_cells
+
+    lines = ["## Latency", "", "Client-side latency in ms (p50 / p99), one text per request, "
+             "closed loop, after warm-up.", ""]
+    for mode in modes:
+        subset = one_text_cells(cells, mode)
+        models = sorted({c["model"] for c in subset})
+        callers = sorted({1, busiest(subset) or 1} & {c["concurrency"] for c in subset})
+        headers = ["length", "tokens served"] + [
+            f"{_arch(subset, m)} c={n}" for n in callers for m in models]
+        rows = []
+        for length in sorted({c["length"] for c in subset}):
+            here = [c for c in subset if c["length"] == length]
+            row = [str(length), fmt(min(c["tokens_mean"] or 0 for c in here), 0)]
+            for n in callers:
+                for m in models:
+                    cell = next((c for c in here if c["model"] == m and c["concurrency"] == n),
+                                None)
+                    row.append(f"{fmt(cell['latency_ms']['p50'])} / "
+                               f"{fmt(cell['latency_ms']['p99'])}" if cell else "-")
+            rows.append(row)
+        lines += [f"### ORT spinning {spin_label(mode)}", "", *_md_table(headers, rows)]
+    return [*lines, "![latency vs length](latency_vs_length.png)", ""]
+
+
+def _throughput_section(cells: list[dict[str, Any]], modes: list[Any]) -> list[str]:
+    from service.bench.output import fmt, spin_label
+    from service.report.claims import one_text_cells
+
+    lines = ["## Throughput", "", "Texts per second (and texts per server CPU-second), one "
+             "text per request.", ""]
+    for mode in modes:
+        subset = one_text_cells(cells, mode)
+        models = sorted({c["model"] for c in subset})
+        callers = sorted({c["concurrency"] for c in subset})
+        headers = ["length"] + [f"{_arch(subset, m)} c={n}" for n in callers for m in models]
+        rows = []
+        for length in sorted({c["length"] for c in subset}):
+            row = [str(length)]
+            for n in callers:
+                for m in models:
+                    cell = next((c for c in subset if c["model"] == m and c["length"] == length
+                                 and c["concurrency"] == n), None)
+                    row.append(f"{fmt(cell['texts_per_s'], 0)} "
+                               f"({fmt(cell['texts_per_server_cpu_s'], 0)}/cpu-s)"
+                               if cell else "-")
+            rows.append(row)
+        lines += [f"### ORT spinning {spin_label(mode)}", "", *_md_table(headers, rows)]
+    return [*lines, "![throughput vs length](throughput_vs_length.png)", "",
+            "![throughput vs concurrency](throughput_vs_concurrency.png)", ""]
+
+
+def _phases_section(cells: list[dict[str, Any]]) -> list[str]:
+    from service.bench.output import fmt, spin_label
+
+    rows = [[spin_label(c["spinning"]), c["architecture"], str(c["length"]),
+             f"c={c['concurrency']}" if c["mode"] == "closed" else f"r={c['rate']:g}/s",
+             fmt(c["latency_ms"]["p50"]), fmt(c["server"]["total_ms_p50"]),
+             fmt(c["server"]["queue_ms_p50"]), fmt(c["server"]["tokenize_ms_p50"], 3),
+             fmt(c["server"]["inference_ms_p50"]), fmt(c["server"]["batch_size_per_batch"], 1),
+             ",".join(f"{k}:{v}" for k, v in c["errors"].items()) or "-"]
+            for c in cells]
+    return ["## Where the time goes (server timings, medians in ms)", "",
+            *_md_table(["spin", "architecture", "length", "load", "client p50", "server total",
+                        "queue", "tokenize", "inference", "mean batch", "errors"], rows)]
+
+
+def _overhead_section(document: dict[str, Any]) -> list[str]:
+    from service.bench.output import fmt, spin_label
+
+    rows = [[spin_label(r["spinning"]), r["architecture"] or r["model"], str(r["length"]),
+             fmt(r.get("server_texts_per_s"), 0), fmt(r.get("inprocess_texts_per_s"), 0),
+             fmt(r.get("server_texts_per_cpu_s"), 0), fmt(r.get("inprocess_texts_per_cpu_s"), 0),
+             fmt(r.get("server_batch_size")), fmt(r.get("cpu_ratio")),
+             fmt(r.get("single_p50_ms")), fmt(r.get("inprocess_batch1_p50_ms"), 3),
+             fmt(r.get("latency_overhead_ms")), fmt(r.get("single_queue_p50_ms"))]
+            for r in document["overhead"]]
+    if not document["inprocess"]:
+        return ["## Serving overhead", "", "Not measured (run bench with --in-process).", ""]
+    return ["## Serving overhead", "",
+            "(a) texts per server CPU-second with the most callers ÷ texts per CPU-second of "
+            "ONNX Runtime in-process (same files, settings, tokenizer, texts) at the batch size "
+            "the server formed — goal ≥ 0.8. (b) one caller's p50 − in-process batch-1 p50 "
+            "(tokenize + run) — goal ≤ 1 ms; 'queue' is the part spent waiting in the batcher.",
+            "", *_md_table(["spin", "architecture", "length", "server texts/s",
+                            "in-process texts/s", "server texts/cpu-s", "in-process texts/cpu-s",
+                            "batch", "(a)", "one-caller p50", "in-process b=1", "(b) ms",
+                            "queue ms"], rows), "![serving overhead](overhead.png)", ""]
+
+
+def _arch(cells: list[dict[str, Any]], model: str) -> str:
+    return next((c["architecture"] for c in cells if c["model"] == model), model)
+
+
+def write_report(document: dict[str, Any], quality: list[dict[str, Any]], out: Path, *,
+                 source: Path) -> Path:
+    from service.bench.output import spin_label
+    from service.report import charts
+    from service.report import claims as rc
+
+    out.mkdir(parents=True, exist_ok=True)
+    cells = document["cells"]
+    modes = sorted({c["spinning"] for c in cells}, key=lambda s: (s is True, s is None))
+    primary = rc.primary_spinning(cells)
+    charts.accuracy_chart(quality, out / "accuracy.png")
+    if rc.one_text_cells(cells, primary):
+        charts.latency_vs_length(cells, out / "latency_vs_length.png")
+        charts.throughput_vs_length(cells, out / "throughput_vs_length.png")
+        charts.throughput_vs_concurrency(cells, out / "throughput_vs_concurrency.png")
+    charts.overhead_chart(document["overhead"], out / "overhead.png")
+    machine = document.get("machine", {})
+    claims = [*rc.speed_claims(cells, primary), *rc.quality_claims(quality),
+              *rc.overhead_claims(document["overhead"], document.get("runs", [])),
+              *rc.spinning_claims(cells)]
+    lines = [
+        "# LSTM vs Transformer, served: what the numbers say", "",
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{source}` (bench of "
+        f"{document.get('created_at', '?')}); {machine.get('cpu_count')} CPUs, ONNX Runtime "
+        f"{machine.get('onnxruntime')}, load average {machine.get('loadavg_start', ['?'])[0]:.2f}"
+        f" at the start and {machine.get('loadavg_end', ['?'])[0]:.2f} at the end; texts from "
+        f"{document.get('text_source')}.", "",
+        "## What this says about the talk's claims", "",
+        "The talk argues that Transformers beat LSTMs on quality, and on speed because "
+        "attention processes every position at once where an LSTM steps through them one by "
+        "one, which should matter more as texts get longer. Measured here (speed with ORT "
+        f"spinning {spin_label(primary)}; ties are differences under "
+        f"{rc.TIE:.0%}):", "",
+        *(f"- {line}" for line in claims), "",
+        "### Caveats", "", *(f"- {line}" for line in rc.caveats(document)), "",
+        *_quality_section(quality), *_latency_section(cells, modes),
+        *_throughput_section(cells, modes), *_overhead_section(document),
+        *_phases_section(cells),
+    ]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,1 @@
+"""The gRPC server: lifecycle, registry, ONNX Runtime sessions, batching, the core, metrics."""

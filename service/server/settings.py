@@ -1,0 +1,237 @@
+"""Server settings: command-line flags over ``SEQSERVE_*`` environment variables over defaults.
+
+One pydantic-settings model is the single source of truth: ``service/commands.py`` derives the
+``seqserve serve`` flags from these fields (flag ``--max-batch-texts`` for field
+``max_batch_texts``, env ``SEQSERVE_MAX_BATCH_TEXTS``), and the server logs every value with
+its source at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service import defaults
+
+ENV_PREFIX = "SEQSERVE_"
+MIB = 1 << 20
+
+
+class ShadowRule(BaseModel):
+    """Mirror ``fraction`` of ``primary``'s requests to ``shadow`` and compare their labels."""
+
+    model_config = ConfigDict(frozen=True)
+
+    primary: str
+    shadow: str
+    fraction: float = Field(gt=0.0, le=1.0)
+
+    @classmethod
+    def parse(cls, text: str) -> ShadowRule:
+        """``primary=shadow:fraction``, e.g. ``sentiment-lstm=sentiment-transformer:0.25``."""
+        primary, sep, rest = text.partition("=")
+        shadow, colon, fraction = rest.rpartition(":")
+        if not sep or not colon or not primary or not shadow:
+            raise ValueError(f"shadow rule {text!r}: expected PRIMARY=SHADOW:FRACTION")
+        if primary == shadow:
+            raise ValueError(f"shadow rule {text!r}: a model cannot shadow itself")
+        return cls(primary=primary, shadow=shadow, fraction=float(fraction))
+
+    def __str__(self) -> str:
+        return f"{self.primary}={self.shadow}:{self.fraction:g}"
+
+
+def refused_setting(error: ValidationError) -> str:
+    """The first setting pydantic refused, in one line: ``invalid setting NAME: why``."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"invalid setting {where}: {message}" if where else f"invalid settings: {message}"
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, protected_namespaces=()
+    )
+
+    # --- where and what -------------------------------------------------------------------
+    repository: Path = Field(defaults.REPOSITORY, description="model repository directory")
+    host: str = Field("0.0.0.0", description="gRPC listen address")
+    port: int = Field(defaults.GRPC_PORT, ge=0, le=65535,
+                      description="gRPC port (0: any free port)")
+    model_versions: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="pin versions, NAME=N (repeatable; env: comma-separated); "
+        "default: the newest complete version of every model",
+    )
+
+    # --- ONNX Runtime ---------------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when its provider really starts, else CPU"
+    )
+    cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
+    precision: Literal["auto", "fp32", "fp16"] = Field(
+        "auto",
+        description="auto: fp16 on CUDA, fp32 on CPU, only artifacts that passed the export "
+        "gates; fp32/fp16 force that artifact even if it failed its gates",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT default)")
+    inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT default)")
+    allow_spinning: bool = Field(
+        False,
+        description="let ORT's idle threads spin-wait (session.intra_op.allow_spinning); off "
+        "by default because spinning takes CPU from the event loop on small machines",
+    )
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "extended",
+        description="ORT graph optimisation level; 'all' crashed an fp16 transformer on CPU",
+    )
+    warmup: bool = Field(True, description="run every length bucket once before serving")
+
+    # --- batching -------------------------------------------------------------------------
+    max_batch_texts: int = Field(32, ge=1, description="texts per executed batch")
+    max_batch_tokens: int = Field(
+        8192, ge=1, description="padded tokens (longest text x texts) per executed batch"
+    )
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0.0,
+        description="longest a queued text waits for others to batch with while the model is "
+        "busy (an idle model runs a request at once)"
+    )
+    batch_cost_tokens: int = Field(
+        64,
+        ge=0,
+        description="cost of one more batch run, in padded tokens: a text joins a batch only "
+        "when the padding it adds is no more than this (groups texts by length)",
+    )
+    max_queue_texts: int = Field(
+        1024, ge=1, description="texts waiting per model; beyond: RESOURCE_EXHAUSTED"
+    )
+
+    # --- requests -------------------------------------------------------------------------
+    max_texts_per_request: int = Field(64, ge=1, description="texts in one request")
+    truncation: Literal["truncate", "reject"] = Field(
+        "truncate",
+        description="texts over the model's max_length: truncate and flag, or INVALID_ARGUMENT",
+    )
+    max_receive_message_bytes: int = Field(
+        4 * MIB, ge=1024, description="largest request message; gRPC refuses larger ones"
+    )
+    max_send_message_bytes: int = Field(16 * MIB, ge=1024, description="largest response")
+    max_stream_inflight: int = Field(
+        16, ge=1, description="requests of one ClassifyStream processed at once"
+    )
+
+    # --- lifecycle ------------------------------------------------------------------------
+    poll_interval_s: float = Field(
+        10.0, ge=0.0, description="repository scan interval (0: only at start and on SIGHUP)"
+    )
+    drain_grace_s: float = Field(
+        20.0, ge=0.0, description="after SIGTERM, how long in-flight calls may take to finish"
+    )
+    strict_startup: bool = Field(
+        True, description="exit when any model fails to load at start-up"
+    )
+    max_connection_age_s: float = Field(
+        0.0, ge=0.0, description="close connections after this age so clients rebalance (0: never)"
+    )
+    max_connection_age_grace_s: float = Field(
+        0.0, ge=0.0, description="time given to calls on a connection closed for its age"
+    )
+    keepalive_time_s: float = Field(60.0, gt=0.0, description="server keepalive ping interval")
+    keepalive_timeout_s: float = Field(20.0, gt=0.0, description="keepalive ping ack timeout")
+    keepalive_min_client_ping_s: float = Field(
+        10.0, ge=0.0, description="shortest client ping interval accepted"
+    )
+    reflection: bool = Field(True, description="serve gRPC server reflection")
+
+    # --- metrics and shadowing ------------------------------------------------------------
+    metrics_host: str = Field("0.0.0.0", description="Prometheus /metrics listen address")
+    metrics_port: int = Field(defaults.METRICS_PORT, ge=0, le=65535,
+                              description="/metrics port (0: disabled)")
+    shadow: Annotated[list[ShadowRule], NoDecode] = Field(
+        default_factory=list,
+        description="mirror traffic PRIMARY=SHADOW:FRACTION (repeatable; env: comma-separated)",
+    )
+    shadow_max_pending: int = Field(
+        64, ge=1, description="shadow requests in flight per rule; beyond: dropped"
+    )
+
+    @field_validator("model_versions", mode="before")
+    @classmethod
+    def _parse_pins(cls, value: Any) -> Any:
+        items = _split(value) if isinstance(value, str) else value
+        if isinstance(items, list | tuple):
+            pins: dict[str, int] = {}
+            for item in items:
+                name, sep, number = str(item).partition("=")
+                if not sep or not name or not number.strip().isdigit():
+                    raise ValueError(f"model version {item!r}: expected NAME=N")
+                pins[name.strip()] = int(number)
+            return pins
+        return value
+
+    @field_validator("model_versions")
+    @classmethod
+    def _positive_pins(cls, pins: dict[str, int]) -> dict[str, int]:
+        for name, number in pins.items():
+            if number < 1:
+                raise ValueError(f"model version {name}={number}: versions start at 1")
+        return pins
+
+    @field_validator("shadow", mode="before")
+    @classmethod
+    def _parse_shadow(cls, value: Any) -> Any:
+        items = _split(value) if isinstance(value, str) else value
+        if isinstance(items, list | tuple):
+            return [ShadowRule.parse(i) if isinstance(i, str) else i for i in items]
+        return value
+
+    @model_validator(mode="after")
+    def _request_fits_queue(self) -> ServeSettings:
+        if self.max_queue_texts < self.max_texts_per_request:
+            raise ValueError(
+                f"max_queue_texts ({self.max_queue_texts}) must be at least "
+                f"max_texts_per_request ({self.max_texts_per_request}), or a full-size request "
+                "could never be queued")
+        return self
+
+    @model_validator(mode="after")
+    def _one_shadow_per_primary(self) -> ServeSettings:
+        primaries = [rule.primary for rule in self.shadow]
+        if len(primaries) != len(set(primaries)):
+            raise ValueError("shadow: at most one rule per primary model")
+        return self
+
+    def describe(self, overridden: set[str] = frozenset()) -> list[str]:
+        """One ``name=value (source)`` line per setting, for the start-up log."""
+        lines = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "shadow":
+                value = ",".join(str(rule) for rule in value) or "-"
+            elif name == "model_versions":
+                value = ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+            if name in overridden:
+                source = "flag"
+            elif f"{ENV_PREFIX}{name.upper()}" in os.environ:
+                source = "env"
+            else:
+                source = "default"
+            lines.append(f"{name}={value} ({source})")
+        return lines

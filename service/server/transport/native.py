@@ -1,0 +1,156 @@
+"""The seqserve.v1 gRPC skin: converts messages and maps errors, nothing else.
+
+All request rules live in ``service/server/core.py``; this module is the protobuf boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.seqserve.v1 import seqserve_pb2 as pb
+from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore, ModelView
+from service.server.errors import ServingError
+from service.server.transport.common import abort, deadline_of
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+MICROS = 1_000_000
+
+
+def to_call(request: pb.ClassifyRequest, deadline: float | None) -> ClassifyCall:
+    return ClassifyCall(
+        model=request.model,
+        texts=request.texts,
+        version=request.version if request.HasField("version") else None,
+        top_k=request.top_k,
+        deadline=deadline,
+    )
+
+
+def to_response(outcome: ClassifyOutcome, request_id: str) -> pb.ClassifyResponse:
+    served, t = outcome.model, outcome.timing
+    return pb.ClassifyResponse(
+        model=served.name,
+        version=served.version,
+        architecture=served.architecture,
+        precision=served.precision,
+        device=served.device,
+        results=[
+            pb.TextResult(
+                label=r.label, score=r.score, token_count=r.token_count, truncated=r.truncated,
+                top=[pb.LabelScore(label=label, score=score) for label, score in r.top],
+            )
+            for r in outcome.results
+        ],
+        timing=pb.Timing(
+            queue_us=round(t.queue_s * MICROS), tokenize_us=round(t.tokenize_s * MICROS),
+            inference_us=round(t.inference_s * MICROS), total_us=round(t.total_s * MICROS),
+            batch_size=t.batch_size, batches=t.batches,
+        ),
+        id=request_id,
+    )
+
+
+def to_model_info(view: ModelView) -> pb.ModelInfo:
+    served = view.served
+    manifest = served.loaded.manifest
+    ev = manifest.evaluation
+    evaluation = pb.Evaluation(
+        dataset=ev.dataset, split=ev.split, examples=ev.examples,
+        fp32_accuracy=ev.fp32.accuracy, fp32_macro_f1=ev.fp32.macro_f1,
+    )
+    if ev.onnx_vs_torch_max_abs_diff is not None:
+        evaluation.onnx_vs_torch_max_abs_diff = ev.onnx_vs_torch_max_abs_diff
+    if ev.fp16 is not None:
+        evaluation.fp16_accuracy = ev.fp16.accuracy
+        evaluation.fp16_macro_f1 = ev.fp16.macro_f1
+    if ev.fp16_agreement is not None:
+        evaluation.fp16_agreement = ev.fp16_agreement
+    state = pb.MODEL_STATE_READY if served.state == "ready" else pb.MODEL_STATE_DRAINING
+    return pb.ModelInfo(
+        name=served.name, version=served.version, available_versions=view.available_versions,
+        architecture=served.architecture, precision=served.precision, device=served.device,
+        providers=served.loaded.session.providers, labels=served.labels,
+        max_length=manifest.tokenizer.max_length, state=state, evaluation=evaluation,
+        load_seconds=served.loaded.load_seconds, created_at=manifest.created_at.isoformat(),
+        failed_versions=[pb.FailedVersion(version=v, reason=r)
+                         for v, r in sorted(view.failed_versions.items())],
+        max_texts_per_request=view.max_texts_per_request,
+    )
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self._core = core
+        self._stream_inflight = core.settings.max_stream_inflight
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        try:
+            outcome = await self._core.classify(to_call(request, deadline_of(context)))
+        except ServingError as error:
+            await abort(context, error)
+        return to_response(outcome, request.id)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        # Requests are started as they arrive (so they can share batches) and answered in
+        # order. A slot is taken before a request starts and given back once its answer is
+        # written, so at most max_stream_inflight requests of one stream exist at once.
+        slots = asyncio.Semaphore(self._stream_inflight)
+        started: asyncio.Queue[asyncio.Task[pb.ClassifyStreamResponse] | None] = asyncio.Queue()
+        deadline = deadline_of(context)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    started.put_nowait(asyncio.create_task(self._one(request, deadline)))
+            finally:
+                started.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await started.get()) is not None:
+                response = await task
+                yield response
+                slots.release()
+        finally:
+            reader.cancel()
+            while not started.empty():
+                if (task := started.get_nowait()) is not None:
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _one(
+        self, request: pb.ClassifyRequest, deadline: float | None
+    ) -> pb.ClassifyStreamResponse:
+        try:
+            outcome = await self._core.classify(to_call(request, deadline))
+        except ServingError as error:
+            return pb.ClassifyStreamResponse(error=pb.StreamError(
+                code=error.code.value[0], message=error.message, id=request.id))
+        return pb.ClassifyStreamResponse(response=to_response(outcome, request.id))
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[to_model_info(v) for v in self._core.list_models()])
+
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelResponse:
+        version = request.version if request.HasField("version") else None
+        try:
+            view = self._core.get_model(request.model, version)
+        except ServingError as error:
+            await abort(context, error)
+        return pb.GetModelResponse(model=to_model_info(view))

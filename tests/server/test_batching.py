@@ -1,0 +1,238 @@
+"""The batching scheduler on its own, with a stand-in model: grouping, budgets, drops, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from service.server.batching import Batcher, Item, Job, select_batch
+from service.server.errors import ServingError
+
+
+def _items(lengths: list[int]) -> list[Item]:
+    job = Job(None, np.zeros((len(lengths), 2)), len(lengths), None, 0.0)  # type: ignore[arg-type]
+    return [Item(job, i, [1] * n) for i, n in enumerate(lengths)]
+
+
+def test_texts_are_grouped_by_length_from_the_oldest() -> None:
+    pending = _items([10, 50, 11, 52, 9, 12])
+    batch, rest = select_batch(pending, max_texts=8, max_tokens=10_000, cost_tokens=8)
+    assert [i.length for i in batch] == [10, 11, 9, 12]
+    assert [i.length for i in rest] == [50, 52]  # in arrival order, for the next batch
+
+
+def test_budgets_bound_texts_and_padded_tokens() -> None:
+    batch, rest = select_batch(_items([8] * 10), max_texts=4, max_tokens=10_000, cost_tokens=0)
+    assert len(batch) == 4 and len(rest) == 6
+    batch, _ = select_batch(_items([8] * 10), max_texts=32, max_tokens=40, cost_tokens=0)
+    assert len(batch) == 5  # 5 x 8 = 40 padded tokens
+    batch, rest = select_batch(_items([100, 4]), max_texts=32, max_tokens=50, cost_tokens=500)
+    assert [i.length for i in batch] == [100]  # the oldest goes even when alone over budget
+
+
+def test_a_long_text_joins_a_batch_only_when_padding_is_cheap() -> None:
+    # Adding a 20-token text to four 10-token texts pads those four by 10 each (40 tokens).
+    assert len(select_batch(_items([10] * 4 + [20]), 32, 10_000, cost_tokens=39)[0]) == 4
+    assert len(select_batch(_items([10] * 4 + [20]), 32, 10_000, cost_tokens=40)[0]) == 5
+
+
+class CountingModel:
+    """logits = (sum of ids, -sum of ids) per row; records every batch it is given.
+
+    ``started`` is set when a batch begins; with ``hold=True`` every batch then waits for
+    ``release`` (a test decides when the model finishes, instead of sleeping and hoping).
+    """
+
+    def __init__(self, delay: float = 0.0, *, hold: bool = False) -> None:
+        self.delay = delay
+        self.batches: list[int] = []
+        self.rows_seen: list[int] = []
+        self.batch_rows: list[list[int]] = []
+        self.lock = threading.Lock()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.started.set()
+        assert self.release.wait(10), "the test never released the model"
+        time.sleep(self.delay)
+        with self.lock:
+            self.batches.append(len(input_ids))
+            rows = [int(r.sum()) for r in input_ids]
+            self.rows_seen += rows
+            self.batch_rows.append(rows)
+        total = (input_ids * attention_mask).sum(axis=1).astype(np.float32)
+        return np.stack([total, -total], axis=1) / 10
+
+
+async def running(model: CountingModel) -> None:
+    """Wait (off the event loop) until the model has started a batch."""
+    assert await asyncio.to_thread(model.started.wait, 10)
+
+
+def _batcher(model: CountingModel, **overrides) -> Batcher:
+    settings = dict(max_texts=8, max_tokens=1000, max_delay_s=0.01, cost_tokens=64,
+                    max_queue=64)
+    return Batcher("test", model, 2, **(settings | overrides))
+
+
+def _expected(ids: list[int]) -> np.ndarray:
+    total = float(sum(ids)) / 10
+    logits = np.array([total, -total])
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def test_requests_share_batches_and_get_their_own_rows() -> None:
+    model = CountingModel()
+
+    async def scenario() -> list[Job]:
+        batcher = _batcher(model)
+        batcher.start()
+        jobs = []
+        for i in range(6):
+            job = batcher.new_job(2, deadline=None)
+            batcher.submit(job, [[i + 1] * (i + 1), [20 + i] * 3])
+            jobs.append(job)
+        await asyncio.gather(*(j.future for j in jobs))
+        await batcher.close(1.0)
+        return jobs
+
+    jobs = asyncio.run(scenario())
+    assert max(model.batches) > 1 and sum(model.batches) == 12
+    for i, job in enumerate(jobs):
+        assert np.allclose(job.probabilities[0], _expected([i + 1] * (i + 1)), atol=1e-6)
+        assert np.allclose(job.probabilities[1], _expected([20 + i] * 3), atol=1e-6)
+        # Row sums identify the texts ((i+1)^2 and 3 * (20+i) never collide), so the batches
+        # that held this job's texts are known, and its timing must report exactly them.
+        mine = [rows for rows in model.batch_rows if {(i + 1) ** 2, 3 * (20 + i)} & set(rows)]
+        assert job.batches == len(mine)
+        assert job.batch_size == max(len(rows) for rows in mine)
+
+
+def test_full_queue_refuses_the_whole_request() -> None:
+    async def scenario() -> None:
+        batcher = _batcher(CountingModel(), max_queue=3)  # not started: nothing drains
+        batcher.submit(batcher.new_job(2, None), [[1], [2]])
+        with pytest.raises(ServingError) as caught:
+            batcher.submit(batcher.new_job(2, None), [[1], [2]])
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.reason == "queue_full" and batcher.depth == 2
+        batcher.start()
+        await batcher.close(1.0)
+
+    asyncio.run(scenario())
+
+
+def test_expired_and_cancelled_work_never_reaches_the_model() -> None:
+    model = CountingModel(hold=True)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_delay_s=0.0)
+        batcher.start()
+        first = batcher.new_job(1, None)
+        batcher.submit(first, [[1]])
+        await running(model)  # the first batch occupies the model
+        expired = batcher.new_job(1, deadline=time.monotonic() - 0.001)  # already passed
+        batcher.submit(expired, [[7]])
+        cancelled = batcher.new_job(1, None)
+        batcher.submit(cancelled, [[9]])
+        cancelled.future.cancel()
+        model.release.set()
+        await first.future
+        with pytest.raises(ServingError) as caught:
+            await expired.future
+        assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        await batcher.close(1.0)
+        assert batcher.depth == 0
+
+    asyncio.run(scenario())
+    assert model.rows_seen == [1]
+
+
+def test_close_finishes_queued_work_then_refuses() -> None:
+    model = CountingModel(delay=0.05)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_texts=1)
+        batcher.start()
+        jobs = [batcher.new_job(1, None) for _ in range(3)]
+        for i, job in enumerate(jobs):
+            batcher.submit(job, [[i + 1]])
+        await batcher.close(5.0)
+        assert all(j.future.done() and j.future.exception() is None for j in jobs)
+        with pytest.raises(ServingError) as caught:
+            batcher.submit(batcher.new_job(1, None), [[1]])
+        assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+
+    asyncio.run(scenario())
+    assert sorted(model.rows_seen) == [1, 2, 3]
+
+
+def test_close_after_its_timeout_fails_what_is_left_instead_of_hanging() -> None:
+    model = CountingModel(hold=True)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_texts=1)
+        batcher.start()
+        jobs = [batcher.new_job(1, None) for _ in range(3)]
+        for job in jobs:
+            batcher.submit(job, [[1]])
+        await running(model)  # held: nothing can finish before close() gives up
+        await batcher.close(0.1)
+        model.release.set()
+        assert all(j.future.done() for j in jobs)
+        codes = {j.future.exception().code for j in jobs if j.future.exception()}
+        assert codes == {grpc.StatusCode.UNAVAILABLE}
+        assert len([j for j in jobs if j.future.exception()]) == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_model_output_of_the_wrong_shape_fails_its_requests_with_internal() -> None:
+    def three_labels(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return np.zeros((len(input_ids), 3), dtype=np.float32)  # the batcher expects 2
+
+    async def scenario() -> ServingError:
+        batcher = Batcher("test", three_labels, 2, max_texts=8, max_tokens=1000,
+                          max_delay_s=0.01, cost_tokens=64, max_queue=64)
+        batcher.start()
+        job = batcher.new_job(1, deadline=None)
+        batcher.submit(job, [[1, 2, 3]])
+        with pytest.raises(ServingError) as caught:
+            await asyncio.wait_for(job.future, 5)  # must not hang
+        assert batcher.depth == 0
+        await batcher.close(1.0)
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.code is grpc.StatusCode.INTERNAL and "shape" in str(error)
+
+
+def test_work_queued_behind_a_busy_model_starts_when_it_frees_not_after_the_delay() -> None:
+    model = CountingModel(hold=True)
+
+    async def scenario() -> float:
+        batcher = _batcher(model, max_delay_s=2.0)
+        batcher.start()
+        first = batcher.new_job(1, deadline=None)
+        batcher.submit(first, [[1]])
+        await running(model)  # the first batch is running
+        second = batcher.new_job(1, deadline=None)
+        started = time.monotonic()
+        batcher.submit(second, [[2]])
+        model.release.set()
+        await asyncio.gather(first.future, second.future)
+        elapsed = time.monotonic() - started
+        await batcher.close(1.0)
+        return elapsed
+
+    # Without the wake-up the second request would wait out the 2 s delay.
+    assert asyncio.run(scenario()) < 1.0

@@ -1,0 +1,235 @@
+"""Device and precision selection, session options and settings, on a machine without a GPU.
+
+The GPU is the only thing faked here: a session factory that reports the providers a real
+onnxruntime-gpu would report with and without working CUDA libraries.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from harness.server import server_settings
+from harness.tiny_models import LSTM_NAME
+
+from service.cli.exit_codes import CommandError
+from service.cli.serve import add_serve_command, settings_from_args
+from service.repo.layout import latest_version
+from service.repo.manifest import Manifest
+from service.server.runtime import (
+    CPU,
+    CUDA,
+    LoadError,
+    ModelSession,
+    SessionBuilder,
+    length_buckets,
+    load_version,
+    plan_attempts,
+    session_options,
+)
+from service.server.settings import ServeSettings, ShadowRule
+
+INPUTS = [SimpleNamespace(name="input_ids", type="tensor(int64)"),
+          SimpleNamespace(name="attention_mask", type="tensor(int64)")]
+OUTPUTS = [SimpleNamespace(name="logits", type="tensor(float)")]
+
+
+class FakeSession:
+    def __init__(self, providers: list[str]) -> None:
+        self._providers = providers
+        self.bound: list[tuple[str, Any]] = []
+
+    def get_providers(self) -> list[str]:
+        return self._providers
+
+    def get_inputs(self) -> list[Any]:
+        return INPUTS
+
+    def get_outputs(self) -> list[Any]:
+        return OUTPUTS
+
+    def io_binding(self) -> Any:
+        session = self
+
+        class Binding:
+            def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
+                session.bound.append(("input", name))
+
+            def bind_output(self, name: str, device: str, device_id: int) -> None:
+                session.bound.append(("output", f"{name}@{device}:{device_id}"))
+
+            def copy_outputs_to_cpu(self) -> list[np.ndarray]:
+                return [np.zeros((1, 2), dtype=np.float32)]
+
+        return Binding()
+
+    def run_with_iobinding(self, binding: Any) -> None:
+        self.bound.append(("run", ""))
+
+
+class FakeFactory:
+    """Records each session request; ``cuda_works`` decides what a CUDA session reports."""
+
+    def __init__(self, cuda_works: bool | None) -> None:
+        self.cuda_works = cuda_works  # None: creating a CUDA session raises
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, path: str, options: Any, providers: list[Any]) -> FakeSession:
+        wants_cuda = any(p == CUDA or (isinstance(p, tuple) and p[0] == CUDA) for p in providers)
+        self.calls.append(("cuda" if wants_cuda else "cpu", Path(path).name))
+        if wants_cuda and self.cuda_works is None:
+            raise RuntimeError("CUDA failure 35: driver too old")
+        if wants_cuda and self.cuda_works:
+            return FakeSession([CUDA, CPU])
+        return FakeSession([CPU])  # what onnxruntime-gpu does silently when CUDA cannot start
+
+
+def _build(repo: Path, cuda_works: bool | None, available=(CUDA, CPU), **settings: Any):
+    factory = FakeFactory(cuda_works)
+    builder = SessionBuilder(server_settings(repo, **settings), factory, list(available))
+    model = latest_version(repo, LSTM_NAME)
+    return builder, factory, model, model.load_manifest()
+
+
+def test_auto_uses_cuda_and_fp16_when_cuda_really_starts(tiny_repository: Path) -> None:
+    builder, factory, model, manifest = _build(tiny_repository, True, device="auto")
+    session = builder.create(model, manifest)
+    assert (session.device, session.precision) == ("cuda:0", "fp16")
+    assert factory.calls == [("cuda", "model.fp16.onnx")]
+
+
+@pytest.mark.parametrize("cuda_works", [False, None], ids=["silent-cpu-fallback", "raises"])
+def test_auto_falls_back_to_cpu_fp32_when_cuda_does_not_start(tiny_repository: Path,
+                                                              cuda_works) -> None:
+    builder, factory, model, manifest = _build(tiny_repository, cuda_works, device="auto")
+    session = builder.create(model, manifest)
+    assert (session.device, session.precision) == ("cpu", "fp32")
+    assert factory.calls == [("cuda", "model.fp16.onnx"), ("cpu", "model.fp32.onnx")]
+    builder.create(model, manifest)  # the next model does not try CUDA again
+    assert factory.calls[2:] == [("cpu", "model.fp32.onnx")]
+
+
+def test_explicit_cuda_fails_the_load_when_cuda_does_not_start(tiny_repository: Path) -> None:
+    builder, _, model, manifest = _build(tiny_repository, False, device="cuda")
+    with pytest.raises(LoadError, match="CUDA provider did not start"):
+        builder.create(model, manifest)
+    builder, _, model, manifest = _build(tiny_repository, True, available=(CPU,), device="cuda")
+    with pytest.raises(LoadError, match="no CUDAExecutionProvider"):
+        builder.create(model, manifest)
+
+
+def test_cpu_never_tries_cuda(tiny_repository: Path) -> None:
+    builder, factory, model, manifest = _build(tiny_repository, True, device="cpu")
+    assert builder.create(model, manifest).device == "cpu"
+    assert factory.calls == [("cpu", "model.fp32.onnx")]
+
+
+def _gated(manifest: Manifest, fp32: bool, fp16: bool) -> Manifest:
+    passed = {"fp32": fp32, "fp16": fp16}
+    artifacts = [a.model_copy(update={"passed_gates": passed[a.precision]})
+                 for a in manifest.artifacts]
+    return manifest.model_copy(update={"artifacts": artifacts})
+
+
+def test_only_artifacts_that_passed_their_gates_are_served_unless_forced(
+        tiny_repository: Path) -> None:
+    manifest = latest_version(tiny_repository, LSTM_NAME).load_manifest()
+    cuda = [CUDA, CPU]
+    auto = server_settings(tiny_repository, device="auto")
+    plan = plan_attempts(_gated(manifest, True, False), auto, cuda)
+    assert [(a.device, a.artifact.precision) for a in plan] == [("cuda", "fp32"), ("cpu", "fp32")]
+    with pytest.raises(LoadError, match="force --precision"):
+        plan_attempts(_gated(manifest, False, False), auto, cuda)
+    forced = server_settings(tiny_repository, device="cpu", precision="fp16")
+    plan = plan_attempts(_gated(manifest, False, False), forced, cuda)
+    assert [(a.device, a.artifact.precision) for a in plan] == [("cpu", "fp16")]
+
+
+def test_iobinding_is_used_on_cuda() -> None:
+    fake = FakeSession([CUDA, CPU])
+    logits = ModelSession(fake, "cuda:1", "fp16", cuda_device_id=1).run(
+        np.ones((1, 3), np.int64), np.ones((1, 3), np.int64))
+    assert logits.dtype == np.float32
+    assert fake.bound == [("input", "input_ids"), ("input", "attention_mask"),
+                          ("output", "logits@cuda:1"), ("run", "")]
+
+
+def test_real_onnxruntime_on_this_machine(tiny_repository: Path) -> None:
+    """Real providers, and the outcome predicted from the machine before loading: with no GPU
+    device node (CI), auto lands on CPU + fp32 even where onnxruntime-gpu lists CUDA."""
+    gpu_present = any(Path("/dev").glob("nvidia[0-9]*"))
+    settings = server_settings(tiny_repository, device="auto")
+    builder = SessionBuilder(settings)
+    loaded = load_version(latest_version(tiny_repository, LSTM_NAME), settings, builder)
+    expected = ("cuda:0", "fp16") if gpu_present else ("cpu", "fp32")
+    assert (loaded.session.device, loaded.session.precision) == expected
+    if not gpu_present:
+        assert loaded.session.providers == [CPU]
+        assert builder.cuda_failed == (CUDA in ort.get_available_providers())
+
+
+def test_session_options_follow_the_settings(tiny_repository: Path) -> None:
+    options = session_options(server_settings(
+        tiny_repository, intra_op_threads=3, inter_op_threads=2, allow_spinning=False))
+    assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    spinning = session_options(server_settings(tiny_repository, allow_spinning=True))
+    assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+
+
+def test_length_buckets() -> None:
+    assert length_buckets(64) == [8, 16, 32, 64]
+    assert length_buckets(100) == [8, 16, 32, 64, 100]
+    assert length_buckets(5) == [5]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+def test_flags_override_environment_over_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEQSERVE_MAX_BATCH_TEXTS", "4")
+    monkeypatch.setenv("SEQSERVE_PORT", "6000")
+    monkeypatch.setenv("SEQSERVE_MODEL_VERSIONS", "a=2,b=5")
+    args = _parse(["serve", "--max-batch-texts", "8", "--model-version", "c=3", "--shadow",
+                   "a=b:0.25", "--allow-spinning", "--device", "cpu"])
+    settings, overridden = settings_from_args(args)
+    assert settings.max_batch_texts == 8 and settings.port == 6000
+    assert settings.model_versions == {"c": 3}
+    assert settings.shadow == [ShadowRule(primary="a", shadow="b", fraction=0.25)]
+    assert settings.allow_spinning and settings.device == "cpu"
+    assert settings.graph_optimization == "extended"  # the default
+    described = dict(line.split("=", 1) for line in settings.describe(overridden))
+    assert described["port"] == "6000 (env)" and described["max_batch_texts"] == "8 (flag)"
+    assert ServeSettings().model_versions == {"a": 2, "b": 5}
+
+
+@pytest.mark.parametrize("argv", [["serve", "--shadow", "a=a:0.5"],
+                                  ["serve", "--shadow", "a=b:1.5"],
+                                  ["serve", "--model-version", "a=x"]])
+def test_bad_settings_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(CommandError) as caught:
+        settings_from_args(_parse(argv))
+    assert caught.value.code == 2
+
+
+def test_channel_options_carry_limits_keepalive_and_connection_age(tiny_repository) -> None:
+    from service.server.app import channel_options
+
+    options = dict(channel_options(server_settings(
+        tiny_repository, max_receive_message_bytes=2048, max_connection_age_s=30,
+        max_connection_age_grace_s=5, keepalive_time_s=15)))
+    assert options["grpc.max_receive_message_length"] == 2048
+    assert options["grpc.max_connection_age_ms"] == 30_000
+    assert options["grpc.max_connection_age_grace_ms"] == 5_000
+    assert options["grpc.keepalive_time_ms"] == 15_000
+    assert "grpc.max_connection_age_ms" not in dict(channel_options(server_settings(
+        tiny_repository)))
