@@ -71,6 +71,11 @@ class RunConfig(_Config):
             raise ValueError("data.test_fraction must be above 0 to train")
         return self
 
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id, which the model's embedding treats as padding."""
+        return int(self.model.get("pad_id", 0))
+
     @classmethod
     def load(cls, run_dir: Path) -> RunConfig:
         return cls.model_validate_json((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -7,23 +7,35 @@ outputs keep their types (``keep_io_types``) so clients and the server never see
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import onnx
 
 
-def _float16_tooling() -> ModuleType:
-    """``onnxruntime.transformers`` appends its own directory to ``sys.path`` on import, and
-    that directory holds a ``models`` folder which would then shadow this project's ``models``
-    package. float16 needs none of its siblings, so the path is put back as it was."""
+@contextlib.contextmanager
+def ort_transformers_path() -> Iterator[None]:
+    """``onnxruntime.transformers`` appends its own directory to ``sys.path`` on import (its
+    modules import each other as top-level names), and that directory holds a ``models`` folder
+    which would shadow this project's ``models`` package. Inside this block its tools work;
+    afterwards ``sys.path`` is as it was."""
+    import onnxruntime
+
     saved = list(sys.path)
+    sys.path.append(str(Path(onnxruntime.__file__).parent / "transformers"))
     try:
-        from onnxruntime.transformers import float16
+        yield
     finally:
         sys.path[:] = saved
+
+
+def _float16_tooling() -> ModuleType:
+    with ort_transformers_path():
+        from onnxruntime.transformers import float16
     # It logs every initializer shared by fp32 and fp16 nodes at INFO: noise for these models.
     logging.getLogger(float16.__name__).setLevel(logging.WARNING)
     return float16

@@ -22,16 +22,15 @@ from export.config import (
 )
 from export.datasets import DatasetError, load_dataset
 from export.gates import GateSettings
-from export.gating import FP32_FILE, EvaluationSet, TorchLogits, gate_artifacts
+from export.gating import FP32_FILE, EvaluationSet, GateReport, TorchLogits, gate_artifacts
 from export.onnx_export import export_onnx_in_subprocess
 from export.publish import discard, publish, staging_directory
 from models import create_model
 from service.repo.graph import DEFAULT_OPSET
 from service.repo.manifest import (
     MANIFEST_FILE,
-    Artifact,
-    Evaluation,
     Manifest,
+    ModelSource,
     TokenizerSpec,
     TrainingSummary,
     contract_inputs,
@@ -50,6 +49,7 @@ class ExportResult:
     directory: Path
     parity_worst_case: str
     fp16_attempts: list[dict]
+    int8_attempts: list[dict]
     seconds: float
 
     def to_dict(self) -> dict:
@@ -59,11 +59,13 @@ class ExportResult:
             "version": self.manifest.version,
             "architecture": self.manifest.architecture,
             "path": str(self.directory),
-            "parity": {"max_abs_diff": evaluation.onnx_vs_torch_max_abs_diff,
+            "parity": {"max_abs_diff": evaluation.onnx_vs_torch_max_abs_diff if evaluation
+                       else None,
                        "worst_case": self.parity_worst_case,
-                       "batch_sizes": evaluation.parity_batch_sizes},
-            "evaluation": evaluation.model_dump(),
+                       "batch_sizes": evaluation.parity_batch_sizes if evaluation else []},
+            "evaluation": evaluation.model_dump() if evaluation else None,
             "fp16_attempts": self.fp16_attempts,
+            "int8_attempts": self.int8_attempts,
             "artifacts": [a.model_dump() for a in self.manifest.artifacts],
             "export_seconds": round(self.seconds, 2),
         }
@@ -129,7 +131,8 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
     started = time.monotonic()
     config = RunConfig.load(run_dir)
     labels: list[str] = json.loads((run_dir / LABELS_FILE).read_text(encoding="utf-8"))
-    tokenizer = TextTokenizer.from_file(run_dir / TOKENIZER_FILE, config.tokenizer.max_length)
+    tokenizer = TextTokenizer.from_file(run_dir / TOKENIZER_FILE, config.tokenizer.max_length,
+                                        config.pad_id)
     staging = staging_directory(repository, name)
     try:
         log.info("exporting %s (%s) to ONNX opset %d", run_dir, config.architecture, opset)
@@ -143,8 +146,8 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
         commit = source_commit()
 
         def write_manifest(directory: Path, number: int) -> None:
-            build_manifest(run_dir, config, name, number, labels, directory, report.artifacts,
-                           report.evaluation, commit).write(directory / MANIFEST_FILE)
+            build_manifest(run_dir, config, name, number, labels, directory, report,
+                           commit).write(directory / MANIFEST_FILE)
 
         number, target = publish(staging, repository, name, version=version,
                                  finalize=write_manifest)
@@ -154,12 +157,12 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
     manifest = Manifest.load(target / MANIFEST_FILE)
     log.info("published %s version %d at %s", name, number, target)
     return ExportResult(manifest, target, report.figures.get("parity_worst_case", ""),
-                        report.figures["fp16_attempts"], time.monotonic() - started)
+                        report.figures["fp16_attempts"], report.figures["int8_attempts"],
+                        time.monotonic() - started)
 
 
 def build_manifest(run_dir: Path, config: RunConfig, name: str, version: int, labels: list[str],
-                   directory: Path, artifacts: list[Artifact], evaluation: Evaluation,
-                   commit: str | None) -> Manifest:
+                   directory: Path, report: GateReport, commit: str | None) -> Manifest:
     metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
     scalars = (int, float, str, bool, type(None))
     hyperparameters = {
@@ -173,11 +176,14 @@ def build_manifest(run_dir: Path, config: RunConfig, name: str, version: int, la
         architecture=config.architecture,
         labels=labels,
         tokenizer=TokenizerSpec(sha256=sha256_file(directory / TOKENIZER_FILE),
-                                max_length=config.tokenizer.max_length),
+                                max_length=config.tokenizer.max_length,
+                                pad_id=config.pad_id),
         inputs=contract_inputs(),
         outputs=contract_outputs(len(labels)),
-        artifacts=artifacts,
-        evaluation=evaluation,
+        artifacts=report.artifacts,
+        evaluation=report.evaluation,
+        evaluation_slice=report.evaluation_slice,
+        source=ModelSource(kind="trained"),
         training=TrainingSummary(
             dataset=metrics["dataset"], epochs=metrics["epochs_run"], seed=config.seed,
             hyperparameters=hyperparameters, duration_seconds=metrics["duration_seconds"],

@@ -83,6 +83,7 @@ class ModelDescription:
     load_seconds: float = 0.0
     evaluation: dict[str, Any] = field(default_factory=dict)
     max_texts_per_request: int = 0  # 0: a server too old to say
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,10 @@ def from_response(message: pb.ClassifyResponse) -> ClassifyResult:
 
 def from_model_info(info: pb.ModelInfo) -> ModelDescription:
     ev = info.evaluation
+    # Empty when the model was published without evaluation.
     evaluation = {name.name: getattr(ev, name.name) for name in ev.DESCRIPTOR.fields
-                  if not name.has_presence or ev.HasField(name.name)}
+                  if not name.has_presence or ev.HasField(name.name)
+                  } if info.HasField("evaluation") else {}
     return ModelDescription(
         name=info.name, version=info.version, architecture=info.architecture,
         precision=info.precision, device=info.device, labels=list(info.labels),
@@ -127,7 +130,7 @@ def from_model_info(info: pb.ModelInfo) -> ModelDescription:
         providers=list(info.providers), available_versions=list(info.available_versions),
         failed_versions={f.version: f.reason for f in info.failed_versions},
         load_seconds=info.load_seconds, evaluation=evaluation,
-        max_texts_per_request=info.max_texts_per_request,
+        max_texts_per_request=info.max_texts_per_request, source=info.source,
     )
 
 

@@ -84,16 +84,27 @@ def run_export(run_dir: Path, repository: Path, name: str, options: ExportOption
 
 
 def describe_export(report: dict) -> str:
+    """One line per published version: parity, accuracy per precision, and each lower
+    precision's gate (with what it left in fp32)."""
     evaluation = report["evaluation"]
-    fp16 = next(a for a in report["artifacts"] if a["precision"] == "fp16")
-    kept = f", {'+'.join(fp16['fp32_op_types'])} kept in fp32" if fp16["fp32_op_types"] else ""
+    if evaluation is None:
+        return (f"{report['name']} v{report['version']} ({report['architecture']}): not "
+                f"evaluated (--no-eval), {report['export_seconds']:.0f}s → {report['path']}")
     parity = evaluation["onnx_vs_torch_max_abs_diff"]
+    gates = []
+    for artifact in report["artifacts"]:
+        precision = artifact["precision"]
+        if precision == "fp32":
+            continue
+        kept = (f", {'+'.join(artifact['fp32_op_types'])} in fp32"
+                if artifact["fp32_op_types"] else "")
+        gates.append(f"{precision} {evaluation[precision]['accuracy']:.4f} agreement "
+                     f"{evaluation[f'{precision}_agreement']:.4f} "
+                     f"({'passed' if artifact['passed_gates'] else 'FAILED'}{kept})")
     return (f"{report['name']} v{report['version']} ({report['architecture']}): parity "
             f"{'-' if parity is None else f'{parity:.1e}'}, accuracy fp32 "
-            f"{evaluation['fp32']['accuracy']:.4f} / fp16 {evaluation['fp16']['accuracy']:.4f}, "
-            f"fp16 agreement {evaluation['fp16_agreement']:.4f} "
-            f"({'passed' if fp16['passed_gates'] else 'FAILED'}{kept}), "
-            f"{report['export_seconds']:.0f}s → {report['path']}")
+            f"{evaluation['fp32']['accuracy']:.4f}, " + ", ".join(gates)
+            + f", {report['export_seconds']:.0f}s → {report['path']}")
 
 
 def handle_export(args: argparse.Namespace) -> int:

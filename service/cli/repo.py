@@ -22,11 +22,13 @@ def handle_repo_list(args: argparse.Namespace) -> int:
                 rows.append({"name": name, "version": model_version.version,
                              "error": str(error)})
                 continue
+            ev = manifest.evaluation
             rows.append({
                 "name": name, "version": manifest.version,
                 "architecture": manifest.architecture, "labels": len(manifest.labels),
-                "accuracy_fp32": manifest.evaluation.fp32.accuracy,
-                "fp16_agreement": manifest.evaluation.fp16_agreement,
+                "accuracy_fp32": ev.fp32.accuracy if ev else None,
+                "fp16_agreement": ev.fp16_agreement if ev else None,
+                "int8_agreement": ev.int8_agreement if ev else None,
                 "precisions": [a.precision + ("" if a.passed_gates else "(failed)")
                                for a in manifest.artifacts],
                 "created_at": manifest.created_at.isoformat(),
@@ -40,10 +42,9 @@ def handle_repo_list(args: argparse.Namespace) -> int:
         if "error" in row:
             print(f"{row['name']:<28} v{row['version']:<4} INVALID: {row['error']}")
             continue
-        agreement = row["fp16_agreement"]
         print(f"{row['name']:<28} v{row['version']:<4} {row['architecture']:<12} "
-              f"acc {row['accuracy_fp32']:.4f}  fp16 agreement "
-              f"{'-' if agreement is None else f'{agreement:.4f}'}  "
+              f"acc {_figure(row['accuracy_fp32'])}  agreement fp16 "
+              f"{_figure(row['fp16_agreement'])} int8 {_figure(row['int8_agreement'])}  "
               f"{','.join(row['precisions'])}  {row['created_at']}")
     return ExitCode.OK
 
@@ -76,3 +77,7 @@ def add_repo_commands(commands: argparse._SubParsersAction) -> None:
     show.add_argument("--repository", type=Path, default=defaults.REPOSITORY)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=handle_repo_show)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -10,16 +10,32 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from service.repo.graph import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, SEQUENCE_DIM
 
-SCHEMA_VERSION = 1
+# 2 added int8 artifacts, optional evaluation and training (imported models), the stored
+# evaluation slice and the model's source; version 1 manifests still load.
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
+EVALUATION_SLICE_FILE = "evaluation_slice.json"
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8")
+
+
+def _plain_file_name(name: str) -> str:
+    """A file named by a manifest must sit in its version directory: no directories, no
+    parent references, nothing absolute, so a manifest can never point the server elsewhere."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or name.startswith(".")):
+        raise ValueError(f"{name!r} is not a plain file name inside the version directory")
+    return name
+
+
+FileName = Annotated[str, AfterValidator(_plain_file_name)]
 
 
 class ManifestError(ValueError):
@@ -47,7 +63,7 @@ def contract_outputs(num_labels: int) -> list[TensorSpec]:
 
 
 class TokenizerSpec(_Strict):
-    file: str = "tokenizer.json"
+    file: FileName = "tokenizer.json"
     sha256: str
     max_length: int = Field(gt=0, description="texts longer than this are truncated")
     pad_id: int = 0
@@ -55,14 +71,15 @@ class TokenizerSpec(_Strict):
 
 class Artifact(_Strict):
     precision: Precision
-    file: str
+    file: FileName
     sha256: str
     bytes: int = Field(ge=0)
     opset: int = Field(ge=1)
     passed_gates: bool = Field(description="false: kept for inspection, never served by default")
     fp32_op_types: list[str] = Field(
         default_factory=list,
-        description="op types kept in fp32 inside an fp16 artifact (mixed precision)",
+        description="op types kept in fp32 inside an fp16 artifact (mixed precision), or "
+        "left unquantized in an int8 artifact",
     )
 
 
@@ -81,9 +98,32 @@ class Evaluation(_Strict):
         default=None, description="fraction of texts where fp16 and fp32 predict the same label"
     )
     fp16_max_abs_diff: float | None = None
+    int8: PrecisionEvaluation | None = None
+    int8_agreement: float | None = Field(
+        default=None, description="fraction of texts where int8 and fp32 predict the same label"
+    )
+    int8_max_abs_diff: float | None = None
     onnx_vs_torch_max_abs_diff: float | None = Field(
         default=None, description="probabilities, parity gate; None: no PyTorch model to compare")
     parity_batch_sizes: list[int] = Field(default_factory=list)
+
+
+class EvaluationSlice(_Strict):
+    """A small fixed sample of the evaluation texts, with labels and the fp32 probabilities
+    measured at export, stored in the version directory: a server re-gates lower precisions
+    on its own device with it (fp16 on a GPU computes differently from fp16 on a CPU)."""
+
+    file: FileName = EVALUATION_SLICE_FILE
+    sha256: str
+    examples: int = Field(gt=0)
+
+
+class ModelSource(_Strict):
+    """Where the model came from."""
+
+    kind: Literal["trained", "fine-tuned", "huggingface", "onnx"]
+    base: str | None = Field(default=None, description="pretrained base, for fine-tuned models")
+    path: str | None = Field(default=None, description="the imported directory or file")
 
 
 class TrainingSummary(_Strict):
@@ -97,7 +137,7 @@ class TrainingSummary(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     version: int = Field(gt=0)
     architecture: str
@@ -106,8 +146,11 @@ class Manifest(_Strict):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     artifacts: list[Artifact] = Field(min_length=1)
-    evaluation: Evaluation
-    training: TrainingSummary
+    evaluation: Evaluation | None = Field(
+        description="None: published without evaluation (seqserve import --no-eval)")
+    evaluation_slice: EvaluationSlice | None = None
+    training: TrainingSummary | None = Field(default=None, description="None: imported")
+    source: ModelSource | None = None
     created_at: datetime
     source_commit: str | None = None
 

@@ -33,8 +33,14 @@ def load_bench(path: Path) -> dict[str, Any]:
     return document
 
 
+QUALITY_KEYS = ("dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1",
+                "fp16_accuracy", "fp16_macro_f1", "fp16_agreement", "int8_accuracy",
+                "int8_macro_f1", "int8_agreement")
+
+
 def model_quality(document: dict[str, Any], repository: Path | None) -> list[dict[str, Any]]:
-    """Accuracy, macro-F1 and fp16 agreement per benchmarked model, from its manifest."""
+    """Accuracy, macro-F1 and lower-precision agreement per benchmarked model, from its
+    manifest when the repository is given (else from what the server reported)."""
     from service.repo.layout import ModelVersion
 
     rows = []
@@ -42,25 +48,32 @@ def model_quality(document: dict[str, Any], repository: Path | None) -> list[dic
         row: dict[str, Any] = {"name": model["name"], "version": model["version"],
                                "architecture": model["architecture"], "source": "bench"}
         evaluation = model.get("evaluation") or {}
-        row.update({key: evaluation.get(key) for key in (
-            "dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy",
-            "fp16_macro_f1", "fp16_agreement")})
+        row.update({key: evaluation.get(key) for key in QUALITY_KEYS})
         if repository is not None:
             directory = repository / model["name"] / str(model["version"])
             manifest = ModelVersion(model["name"], model["version"], directory).load_manifest()
-            ev = manifest.evaluation
-            row.update(source="manifest", dataset=ev.dataset, split=ev.split,
-                       examples=ev.examples, fp32_accuracy=ev.fp32.accuracy,
-                       fp32_macro_f1=ev.fp32.macro_f1,
-                       fp16_accuracy=ev.fp16.accuracy if ev.fp16 else None,
-                       fp16_macro_f1=ev.fp16.macro_f1 if ev.fp16 else None,
-                       fp16_agreement=ev.fp16_agreement, fp16_max_abs_diff=ev.fp16_max_abs_diff,
-                       epochs=manifest.training.epochs,
-                       training_seconds=manifest.training.duration_seconds,
-                       model_bytes=next((a.bytes for a in manifest.artifacts
-                                         if a.precision == "fp32"), None))
+            row.update(source="manifest", **_manifest_quality(manifest))
         rows.append(row)
     return rows
+
+
+def _manifest_quality(manifest: Any) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(QUALITY_KEYS)
+    ev = manifest.evaluation
+    if ev is not None:
+        row.update(dataset=ev.dataset, split=ev.split, examples=ev.examples,
+                   fp32_accuracy=ev.fp32.accuracy, fp32_macro_f1=ev.fp32.macro_f1,
+                   fp16_max_abs_diff=ev.fp16_max_abs_diff, int8_max_abs_diff=ev.int8_max_abs_diff)
+        for precision in ("fp16", "int8"):
+            figures = getattr(ev, precision)
+            row[f"{precision}_accuracy"] = figures.accuracy if figures else None
+            row[f"{precision}_macro_f1"] = figures.macro_f1 if figures else None
+            row[f"{precision}_agreement"] = getattr(ev, f"{precision}_agreement")
+    training = manifest.training
+    row.update(epochs=training.epochs if training else None,
+               training_seconds=training.duration_seconds if training else None,
+               model_bytes={a.precision: a.bytes for a in manifest.artifacts})
+    return row
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:

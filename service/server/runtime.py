@@ -32,7 +32,7 @@ from service.repo.graph import (
 )
 from service.repo.graph import session_options as graph_session_options
 from service.repo.layout import ModelVersion, verify_artifact, verify_file
-from service.repo.manifest import Artifact, Manifest, ManifestError, Precision
+from service.repo.manifest import PRECISIONS, Artifact, Manifest, ManifestError, Precision
 from service.repo.tokenization import TextTokenizer, pad_batch
 from service.server.ort_logging import quiet_ort_logging
 from service.server.settings import ServeSettings
@@ -107,12 +107,22 @@ def plan_attempts(
     return attempts
 
 
+# Which gated artifact each policy tries first, per device. fp16 pays only on a GPU: on CPU ORT
+# casts back to fp32 around most ops. int8 (dynamic quantization) has kernels on CPU only, and
+# loses a little accuracy, so it is served only when the operator opts in with auto-int8.
+PREFERENCES: dict[tuple[str, str], tuple[Precision, ...]] = {
+    ("auto", "cuda"): ("fp16", "fp32"),
+    ("auto", "cpu"): ("fp32", "fp16"),
+    ("auto-int8", "cuda"): ("fp16", "fp32"),
+    ("auto-int8", "cpu"): ("int8", "fp32", "fp16"),
+}
+
+
 def _choose_artifact(manifest: Manifest, precision: str, device: str) -> Artifact | None:
-    if precision in ("fp32", "fp16"):
+    if precision in PRECISIONS:
         # Forced: served even when it failed its gates (the operator asked for it).
         return manifest.artifact(precision)  # type: ignore[arg-type]
-    # fp16 pays only on a GPU; on CPU ORT casts back to fp32 around most ops.
-    order: tuple[Precision, ...] = ("fp16", "fp32") if device == "cuda" else ("fp32", "fp16")
+    order = PREFERENCES[(precision, device)]
     for wanted in order:
         artifact = manifest.artifact(wanted)
         if artifact is not None and artifact.passed_gates:

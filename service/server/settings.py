@@ -85,10 +85,11 @@ class ServeSettings(BaseSettings):
         "auto", description="auto: CUDA when its provider really starts, else CPU"
     )
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
-    precision: Literal["auto", "fp32", "fp16"] = Field(
+    precision: Literal["auto", "auto-int8", "fp32", "fp16", "int8"] = Field(
         "auto",
         description="auto: fp16 on CUDA, fp32 on CPU, only artifacts that passed the export "
-        "gates; fp32/fp16 force that artifact even if it failed its gates",
+        "gates; auto-int8: the same, but on CPU an int8 artifact that passed its gate first; "
+        "fp32/fp16/int8 force that artifact even if it failed its gates",
     )
     intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT default)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT default)")

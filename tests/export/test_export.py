@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def perturb_largest_initializer(path: Path, scale: float) -> None:
 
 
 @pytest.mark.parametrize("architecture", ["lstm", "transformer", "bow"])
-def test_export_publishes_gated_fp32_and_fp16(architecture, runs, tmp_path, capsys):
+def test_export_publishes_gated_fp32_fp16_and_int8(architecture, runs, tmp_path, capsys):
     repo = tmp_path / "repo"
     code = main(["export", str(runs[architecture]), "--repository", str(repo),
                  "--name", f"tiny-{architecture}", "--json"])
@@ -62,12 +63,21 @@ def test_export_publishes_gated_fp32_and_fp16(architecture, runs, tmp_path, caps
     model_version = latest_version(repo, f"tiny-{architecture}")
     manifest = model_version.load_manifest()
     assert manifest.architecture == architecture and manifest.labels == ["neg", "pos"]
-    assert {a.precision for a in manifest.artifacts} == {"fp32", "fp16"}
+    assert [a.precision for a in manifest.artifacts] == ["fp32", "fp16", "int8"]
     for artifact in manifest.artifacts:
         assert sha256_file(model_version.directory / artifact.file) == artifact.sha256
         assert artifact.passed_gates and artifact.opset >= 18
     evaluation = manifest.evaluation
     assert evaluation.fp32.accuracy > 0.9 and evaluation.fp16_agreement >= 0.995
+    assert evaluation.int8_agreement >= 0.98 and evaluation.int8 is not None
+    assert manifest.schema_version == 2 and manifest.source.kind == "trained"
+    # The stored evaluation slice: texts, labels and fp32 probabilities, hashed.
+    stored = manifest.evaluation_slice
+    slice_path = model_version.directory / stored.file
+    assert sha256_file(slice_path) == stored.sha256
+    document = json.loads(slice_path.read_text())
+    assert len(document["texts"]) == stored.examples == len(document["fp32_probabilities"])
+    assert all(abs(sum(p) - 1) < 1e-4 for p in document["fp32_probabilities"])
     assert evaluation.examples == 60  # 10 % of the 600 rows
     assert manifest.tokenizer.sha256 == sha256_file(model_version.directory / "tokenizer.json")
 
@@ -135,6 +145,35 @@ def test_fp16_gate_failure_stops_or_publishes_marked(runs, tmp_path, monkeypatch
     assert main([*args, "--allow-fp16-failure"]) == ExitCode.OK
     manifest = latest_version(repo, "m").load_manifest()
     assert manifest.artifact("fp32").passed_gates and not manifest.artifact("fp16").passed_gates
+
+
+def test_int8_gate_retries_with_fewer_ops_and_a_failed_int8_is_published_marked(
+        runs, tmp_path, monkeypatch):
+    real_convert = gating.convert_to_int8
+    calls: list[list[str] | None] = []
+
+    def broken_unless_limited(source, target, *, op_types=None, always=False):
+        calls.append(op_types)
+        real_convert(source, target, op_types=op_types)
+        if op_types is None or always:  # a quantization that ruins the model
+            shutil.copyfile(source, target)
+            perturb_largest_initializer(target, scale=5.0)
+
+    monkeypatch.setattr(gating, "convert_to_int8", broken_unless_limited)
+    result = pipeline.export_run(runs["transformer"], tmp_path / "repo", "m")
+    assert [a["passed"] for a in result.int8_attempts] == [False, True]
+    assert calls == [None, GateSettings().int8_retry_op_types]
+    int8 = result.manifest.artifact("int8")
+    assert int8.passed_gates and result.manifest.evaluation.int8_agreement >= 0.98
+
+    monkeypatch.setattr(gating, "convert_to_int8",
+                        lambda s, t, *, op_types=None: broken_unless_limited(s, t, always=True,
+                                                                             op_types=op_types))
+    result = pipeline.export_run(runs["transformer"], tmp_path / "repo", "m")
+    # int8 is an optional speed-up: its failure publishes it marked, the export succeeds.
+    assert [a["passed"] for a in result.int8_attempts] == [False, False]
+    assert not result.manifest.artifact("int8").passed_gates
+    assert result.manifest.artifact("fp16").passed_gates
 
 
 def test_manifest_validation_errors_name_the_field(runs, tmp_path, capsys):

@@ -129,25 +129,44 @@ def test_cpu_never_tries_cuda(tiny_repository: Path) -> None:
     assert factory.calls == [("cpu", "model.fp32.onnx")]
 
 
-def _gated(manifest: Manifest, fp32: bool, fp16: bool) -> Manifest:
-    passed = {"fp32": fp32, "fp16": fp16}
+def _gated(manifest: Manifest, fp32: bool, fp16: bool, int8: bool = True) -> Manifest:
+    passed = {"fp32": fp32, "fp16": fp16, "int8": int8}
     artifacts = [a.model_copy(update={"passed_gates": passed[a.precision]})
                  for a in manifest.artifacts]
     return manifest.model_copy(update={"artifacts": artifacts})
+
+
+def _plan(manifest: Manifest, available: list[str], **settings: Any) -> list[tuple[str, str]]:
+    plan = plan_attempts(manifest, server_settings(Path("."), **settings), available)
+    return [(a.device, a.artifact.precision) for a in plan]
 
 
 def test_only_artifacts_that_passed_their_gates_are_served_unless_forced(
         tiny_repository: Path) -> None:
     manifest = latest_version(tiny_repository, LSTM_NAME).load_manifest()
     cuda = [CUDA, CPU]
-    auto = server_settings(tiny_repository, device="auto")
-    plan = plan_attempts(_gated(manifest, True, False), auto, cuda)
-    assert [(a.device, a.artifact.precision) for a in plan] == [("cuda", "fp32"), ("cpu", "fp32")]
+    assert _plan(_gated(manifest, True, False), cuda, device="auto") == [
+        ("cuda", "fp32"), ("cpu", "fp32")]
     with pytest.raises(LoadError, match="force --precision"):
-        plan_attempts(_gated(manifest, False, False), auto, cuda)
-    forced = server_settings(tiny_repository, device="cpu", precision="fp16")
-    plan = plan_attempts(_gated(manifest, False, False), forced, cuda)
-    assert [(a.device, a.artifact.precision) for a in plan] == [("cpu", "fp16")]
+        _plan(_gated(manifest, False, False, False), cuda, device="auto")
+    assert _plan(_gated(manifest, False, False), cuda, device="cpu", precision="fp16") == [
+        ("cpu", "fp16")]
+
+
+def test_int8_is_served_on_cpu_only_when_asked_for_and_gated(tiny_repository: Path) -> None:
+    manifest = latest_version(tiny_repository, LSTM_NAME).load_manifest()
+    cpu, cuda = [CPU], [CUDA, CPU]
+    assert _plan(_gated(manifest, True, True), cpu, device="auto") == [("cpu", "fp32")]
+    assert _plan(_gated(manifest, True, True), cpu, device="auto",
+                 precision="auto-int8") == [("cpu", "int8")]
+    # A failed int8 gate: auto-int8 falls back to fp32; forcing int8 still serves it.
+    assert _plan(_gated(manifest, True, True, int8=False), cpu, device="auto",
+                 precision="auto-int8") == [("cpu", "fp32")]
+    assert _plan(_gated(manifest, True, True, int8=False), cpu, device="cpu",
+                 precision="int8") == [("cpu", "int8")]
+    # On a GPU auto-int8 is plain auto: fp16 there, int8 only for the CPU fallback.
+    assert _plan(_gated(manifest, True, True), cuda, device="auto", precision="auto-int8") == [
+        ("cuda", "fp16"), ("cpu", "int8")]
 
 
 def test_iobinding_is_used_on_cuda() -> None:

@@ -131,7 +131,7 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy", "fp16_macro_f1", "fp16_agreement", "onnx_vs_torch_max_abs_diff")
+    __slots__ = ("dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy", "fp16_macro_f1", "fp16_agreement", "onnx_vs_torch_max_abs_diff", "int8_accuracy", "int8_macro_f1", "int8_agreement")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,9 @@ class Evaluation(_message.Message):
     FP16_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
     FP16_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     ONNX_VS_TORCH_MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    INT8_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    INT8_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    INT8_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     examples: int
@@ -150,7 +153,10 @@ class Evaluation(_message.Message):
     fp16_macro_f1: float
     fp16_agreement: float
     onnx_vs_torch_max_abs_diff: float
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., examples: _Optional[int] = ..., fp32_accuracy: _Optional[float] = ..., fp32_macro_f1: _Optional[float] = ..., fp16_accuracy: _Optional[float] = ..., fp16_macro_f1: _Optional[float] = ..., fp16_agreement: _Optional[float] = ..., onnx_vs_torch_max_abs_diff: _Optional[float] = ...) -> None: ...
+    int8_accuracy: float
+    int8_macro_f1: float
+    int8_agreement: float
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., examples: _Optional[int] = ..., fp32_accuracy: _Optional[float] = ..., fp32_macro_f1: _Optional[float] = ..., fp16_accuracy: _Optional[float] = ..., fp16_macro_f1: _Optional[float] = ..., fp16_agreement: _Optional[float] = ..., onnx_vs_torch_max_abs_diff: _Optional[float] = ..., int8_accuracy: _Optional[float] = ..., int8_macro_f1: _Optional[float] = ..., int8_agreement: _Optional[float] = ...) -> None: ...
 
 class FailedVersion(_message.Message):
     __slots__ = ("version", "reason")
@@ -161,7 +167,7 @@ class FailedVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request")
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +183,7 @@ class ModelInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     available_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -192,4 +199,5 @@ class ModelInfo(_message.Message):
     created_at: str
     failed_versions: _containers.RepeatedCompositeFieldContainer[FailedVersion]
     max_texts_per_request: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ...) -> None: ...
+    source: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...

@@ -13,6 +13,7 @@ import grpc
 
 from protos.seqserve.v1 import seqserve_pb2 as pb
 from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
+from service.repo.manifest import Evaluation, ModelSource
 from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore, ModelView
 from service.server.errors import ServingError
 from service.server.transport.common import abort, deadline_of
@@ -55,32 +56,50 @@ def to_response(outcome: ClassifyOutcome, request_id: str) -> pb.ClassifyRespons
     )
 
 
-def to_model_info(view: ModelView) -> pb.ModelInfo:
-    served = view.served
-    manifest = served.loaded.manifest
-    ev = manifest.evaluation
+def to_evaluation(ev: Evaluation) -> pb.Evaluation:
     evaluation = pb.Evaluation(
         dataset=ev.dataset, split=ev.split, examples=ev.examples,
         fp32_accuracy=ev.fp32.accuracy, fp32_macro_f1=ev.fp32.macro_f1,
     )
     if ev.onnx_vs_torch_max_abs_diff is not None:
         evaluation.onnx_vs_torch_max_abs_diff = ev.onnx_vs_torch_max_abs_diff
-    if ev.fp16 is not None:
-        evaluation.fp16_accuracy = ev.fp16.accuracy
-        evaluation.fp16_macro_f1 = ev.fp16.macro_f1
-    if ev.fp16_agreement is not None:
-        evaluation.fp16_agreement = ev.fp16_agreement
+    for precision in ("fp16", "int8"):
+        figures = getattr(ev, precision)
+        if figures is not None:
+            setattr(evaluation, f"{precision}_accuracy", figures.accuracy)
+            setattr(evaluation, f"{precision}_macro_f1", figures.macro_f1)
+        agreement = getattr(ev, f"{precision}_agreement")
+        if agreement is not None:
+            setattr(evaluation, f"{precision}_agreement", agreement)
+    return evaluation
+
+
+def describe_source(source: ModelSource | None) -> str:
+    if source is None:
+        return ""
+    if source.kind == "fine-tuned":
+        return f"fine-tuned from {source.base}"
+    return f"{source.kind} {source.path}" if source.path else source.kind
+
+
+def to_model_info(view: ModelView) -> pb.ModelInfo:
+    served = view.served
+    manifest = served.loaded.manifest
     state = pb.MODEL_STATE_READY if served.state == "ready" else pb.MODEL_STATE_DRAINING
-    return pb.ModelInfo(
+    info = pb.ModelInfo(
         name=served.name, version=served.version, available_versions=view.available_versions,
         architecture=served.architecture, precision=served.precision, device=served.device,
         providers=served.loaded.session.providers, labels=served.labels,
-        max_length=manifest.tokenizer.max_length, state=state, evaluation=evaluation,
+        max_length=manifest.tokenizer.max_length, state=state,
         load_seconds=served.loaded.load_seconds, created_at=manifest.created_at.isoformat(),
         failed_versions=[pb.FailedVersion(version=v, reason=r)
                          for v, r in sorted(view.failed_versions.items())],
         max_texts_per_request=view.max_texts_per_request,
+        source=describe_source(manifest.source),
     )
+    if manifest.evaluation is not None:
+        info.evaluation.CopyFrom(to_evaluation(manifest.evaluation))
+    return info
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
