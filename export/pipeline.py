@@ -183,7 +183,8 @@ def build_manifest(run_dir: Path, config: RunConfig, name: str, version: int, la
         artifacts=report.artifacts,
         evaluation=report.evaluation,
         evaluation_slice=report.evaluation_slice,
-        source=ModelSource(kind="trained"),
+        source=(ModelSource(kind="fine-tuned", base=str(config.model.get("base")))
+                if config.architecture == "pretrained" else ModelSource(kind="trained")),
         training=TrainingSummary(
             dataset=metrics["dataset"], epochs=metrics["epochs_run"], seed=config.seed,
             hyperparameters=hyperparameters, duration_seconds=metrics["duration_seconds"],

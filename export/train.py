@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from export import fine_tune
 from export.classification_metrics import ClassificationReport, classification_report
 from export.config import (
     CURVE_FILE,
@@ -49,6 +50,7 @@ SORT_CHUNK_BATCHES = 50
 class EncodedSplit:
     ids: list[list[int]]
     labels: np.ndarray
+    pad_id: int = 0
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -90,7 +92,8 @@ def seed_everything(seed: int) -> None:
 
 def encode_split(tokenizer: TextTokenizer, examples: list[tuple[str, int]]) -> EncodedSplit:
     ids, _ = tokenizer.token_ids([text for text, _ in examples])
-    return EncodedSplit(ids, np.fromiter((label for _, label in examples), dtype=np.int64))
+    return EncodedSplit(ids, np.fromiter((label for _, label in examples), dtype=np.int64),
+                        tokenizer.pad_id)
 
 
 def training_batches(
@@ -109,7 +112,7 @@ def training_batches(
 
 
 def to_tensors(split: EncodedSplit, rows: np.ndarray, device: torch.device):
-    batch = pad_batch([split.ids[i] for i in rows])
+    batch = pad_batch([split.ids[i] for i in rows], pad_id=split.pad_id)
     return (
         torch.from_numpy(batch.input_ids).to(device),
         torch.from_numpy(batch.attention_mask).to(device),
@@ -157,38 +160,43 @@ def pin_data_file(config: RunConfig) -> dict:
             "data_sha256": sha256_file(path)}
 
 
-def prepare_data(config: RunConfig, run_dir: Path) -> tuple[DatasetSplits, TextTokenizer]:
-    splits = load_dataset(config.data)
+def scratch_tokenizer(config: RunConfig, splits: DatasetSplits, run_dir: Path) -> TextTokenizer:
+    """A WordPiece vocabulary trained on the training split, saved into the run."""
     tokenizer = train_tokenizer(
         (text for text, _ in splits.train),
         vocab_size=config.tokenizer.vocab_size,
         min_frequency=config.tokenizer.min_frequency,
     )
-    text_tokenizer = save_tokenizer(
-        tokenizer, run_dir / TOKENIZER_FILE, max_length=config.tokenizer.max_length
-    )
-    return splits, text_tokenizer
+    return save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE,
+                          max_length=config.tokenizer.max_length)
 
 
 def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainResult:
     """Train one model and write its run directory; returns the held-out test metrics."""
     started = time.monotonic()
-    check_model_parameters(config)
+    pretrained = config.architecture == fine_tune.PRETRAINED
+    if not pretrained:
+        check_model_parameters(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.training.threads:
         torch.set_num_threads(config.training.threads)
     seed_everything(config.seed)
     device = resolve_device(config.training.device)
 
-    splits, tokenizer = prepare_data(config, run_dir)
+    splits = load_dataset(config.data)
+    if pretrained:  # the base's tokenizer and encoder config; the max length it allows
+        tokenizer, model_config, config = fine_tune.prepare(config, run_dir, len(splits.labels))
+    else:
+        tokenizer = scratch_tokenizer(config, splits, run_dir)
+        model_config = resolved_model_config(config, tokenizer.vocab_size, len(splits.labels))
     train_split, validation_split, test_split = (
         encode_split(tokenizer, split) for split in (splits.train, splits.validation, splits.test))
-    model_config = resolved_model_config(config, tokenizer.vocab_size, len(splits.labels))
     config.model_copy(update={"model": model_config, **pin_data_file(config)}).save(run_dir)
     (run_dir / LABELS_FILE).write_text(json.dumps(splits.labels, indent=2) + "\n", "utf-8")
 
     seed_everything(config.seed)
-    model = create_model(config.architecture, model_config).to(device)
+    model = (fine_tune.pretrained_model(config, model_config) if pretrained
+             else create_model(config.architecture, model_config)).to(device)
     history, best_epoch, best_state = fit(model, config, train_split, validation_split,
                                           splits.labels, device, progress=progress)
     model.load_state_dict(best_state)

@@ -1,8 +1,8 @@
 """The classifier architectures and a registry to build them by name.
 
-Every architecture maps `input_ids`, `attention_mask` (int64 `[B, T]`, right-padded with pad id
-0) to `logits` (float32 `[B, num_labels]`), and padding never changes a row's logits, so
-training, export and serving treat them all alike.
+Every architecture maps `input_ids`, `attention_mask` (int64 `[B, T]`, right-padded with the
+tokenizer's pad id) to `logits` (float32 `[B, num_labels]`), and padding never changes a row's
+logits, so training, export and serving treat them all alike.
 """
 
 from __future__ import annotations
@@ -14,18 +14,21 @@ from torch import nn
 
 from models.bow import BowClassifier, BowConfig
 from models.lstm import LSTMClassifier, LSTMConfig
+from models.pretrained import PretrainedClassifier, PretrainedConfig
 from models.transformer import TransformerClassifier, TransformerConfig
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "lstm": LSTMClassifier,
     "transformer": TransformerClassifier,
     "bow": BowClassifier,
+    "pretrained": PretrainedClassifier,
 }
 
 CONFIGS: dict[str, type] = {
     "lstm": LSTMConfig,
     "transformer": TransformerConfig,
     "bow": BowConfig,
+    "pretrained": PretrainedConfig,
 }
 
 __all__ = [
@@ -35,6 +38,8 @@ __all__ = [
     "BowConfig",
     "LSTMClassifier",
     "LSTMConfig",
+    "PretrainedClassifier",
+    "PretrainedConfig",
     "TransformerClassifier",
     "TransformerConfig",
     "create_model",

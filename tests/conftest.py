@@ -24,6 +24,25 @@ def repository_copy(tiny_repository: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_repository, tmp_path / "repo"))
 
 
+@pytest.fixture(scope="session")
+def tiny_pretrained_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny-pretrained/1`` alone, built once per session; never modify it."""
+    from harness.tiny_models import build_tiny_pretrained
+
+    return build_tiny_pretrained(tmp_path_factory.mktemp("tiny-pretrained") / "repo")
+
+
+@pytest.fixture
+def three_architectures(tiny_repository: Path, tiny_pretrained_repository: Path,
+                        tmp_path: Path) -> Path:
+    """A copy of the tiny repository with the tiny pretrained model beside the LSTM and the
+    Transformer: the three contenders of the comparison."""
+    repository = Path(shutil.copytree(tiny_repository, tmp_path / "repo"))
+    shutil.copytree(tiny_pretrained_repository / "tiny-pretrained",
+                    repository / "tiny-pretrained")
+    return repository
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., RunningServer]]:
     """Factory fixture: ``start_server(settings, wait=True, **SeqServer kwargs)``."""

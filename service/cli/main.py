@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli.data import add_data_commands
     from service.cli.demo import add_demo_command
     from service.cli.export import add_export_commands
+    from service.cli.import_model import add_import_commands
     from service.cli.repo import add_repo_commands
     from service.cli.report import add_report_command
     from service.cli.serve import add_serve_command
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(commands)
     add_train_command(commands)
     add_export_commands(commands)
+    add_import_commands(commands)
     add_repo_commands(commands)
     add_serve_command(commands)
     add_classify_command(commands)

@@ -14,7 +14,7 @@ from typing import Any
 from service import defaults
 from service.cli.exit_codes import CommandError, ExitCode
 
-ARCHITECTURE_CHOICES = ["lstm", "transformer", "bow"]
+ARCHITECTURE_CHOICES = ["lstm", "transformer", "bow", "pretrained"]
 
 
 def require_training_extra() -> None:
@@ -66,6 +66,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     group.add_argument("--model-param", action="append", default=[], metavar="KEY=VALUE",
                        help="model hyperparameter override, e.g. hidden_size=64 (repeatable)")
+    group.add_argument("--base", metavar="NAME|DIR",
+                       help="-a pretrained: the encoder to fine-tune, a packaged base (minilm-l6) "
+                       "or a Hugging Face model directory (default: minilm-l6)")
     group.add_argument("--seed", type=int, default=defaults.SEED,
                        help="default: %(default)s")
 
@@ -96,9 +99,14 @@ def run_config_from_args(args: argparse.Namespace, architecture: str):
             for key, value in {"max_length": args.max_length, "vocab_size": args.vocab_size}.items()
             if value is not None
         }
+        model = parse_key_values(args.model_param, "--model-param")
+        if getattr(args, "base", None):
+            if architecture != "pretrained":
+                raise CommandError("--base is for -a pretrained", ExitCode.USAGE)
+            model["base"] = args.base
         return default_run_config(
             architecture, data, training=training, tokenizer=tokenizer, seed=args.seed,
-            model=parse_key_values(args.model_param, "--model-param"),
+            model=model,
         )
     except ValidationError as error:
         raise CommandError.invalid_settings(error) from error
@@ -119,6 +127,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool) -> None:
 def handle_train(args: argparse.Namespace) -> int:
     require_training_extra()
     from export.datasets import DatasetError
+    from export.pretrained_bases import BaseError
     from export.train import train
 
     config = run_config_from_args(args, args.architecture)
@@ -126,7 +135,7 @@ def handle_train(args: argparse.Namespace) -> int:
     check_run_dir(run_dir, overwrite=args.overwrite)
     try:
         result = train(config, run_dir, progress=not args.json and sys.stderr.isatty())
-    except DatasetError as error:
+    except (DatasetError, BaseError) as error:
         raise CommandError(str(error), ExitCode.DATA_ERROR) from error
     except ValueError as error:  # e.g. an unknown model hyperparameter
         raise CommandError(str(error), ExitCode.USAGE) from error
@@ -153,7 +162,8 @@ def handle_train(args: argparse.Namespace) -> int:
 def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "train", help="train a classifier into a run directory",
-        description="Train an LSTM, Transformer or bag-of-embeddings classifier. Writes a run"
+        description="Train an LSTM, Transformer or bag-of-embeddings classifier from scratch, or "
+                    "fine-tune a pretrained encoder (-a pretrained --base). Writes a run"
                     " directory: config.json, tokenizer.json, labels.json, model.pt,"
                     " metrics.json, training_curve.png.",
     )

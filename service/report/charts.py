@@ -194,10 +194,10 @@ def bench_charts(document: dict[str, Any], out: Path) -> list[Path]:
 
 
 def accuracy_chart(models: list[dict[str, Any]], path: Path) -> Path:
-    """Bars per model: accuracy and macro-F1 in fp32 and fp16, and fp16 agreement."""
+    """Bars per model: accuracy in fp32, fp16 and int8, macro-F1, and agreement with fp32."""
     metrics = [("fp32 accuracy", "fp32_accuracy"), ("fp16 accuracy", "fp16_accuracy"),
-               ("fp32 macro-F1", "fp32_macro_f1"), ("fp16 macro-F1", "fp16_macro_f1"),
-               ("fp16 agreement", "fp16_agreement")]
+               ("int8 accuracy", "int8_accuracy"), ("fp32 macro-F1", "fp32_macro_f1"),
+               ("fp16 agreement", "fp16_agreement"), ("int8 agreement", "int8_agreement")]
     figure = Figure(figsize=(7.5, 4.2))
     ax = figure.subplots()
     width = 0.8 / max(len(models), 1)

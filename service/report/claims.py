@@ -109,10 +109,14 @@ def speed_claims(cells: list[dict[str, Any]], spinning: Any) -> list[str]:
 
 def _trend(subset: list[dict[str, Any]], models: list[str], names: dict[str, str],
            lengths: list[int]) -> list[str]:
-    """How the cost ratio of the first two models moves from the shortest to the longest text."""
-    if len(lengths) < 2 or len(models) != 2:
+    """How the one-caller cost ratio of the LSTM and the from-scratch Transformer (else the
+    first two models) moves from the shortest to the longest text."""
+    by_architecture = {c["architecture"]: c["model"] for c in subset}
+    pair = ([by_architecture["lstm"], by_architecture["transformer"]]
+            if {"lstm", "transformer"} <= set(by_architecture) else models[:2])
+    if len(lengths) < 2 or len(pair) != 2:
         return []
-    first, second = models
+    first, second = pair
     ratios = []
     for length in (lengths[0], lengths[-1]):
         a, b = _pick(subset, first, length, 1), _pick(subset, second, length, 1)
@@ -150,16 +154,71 @@ def quality_claims(quality: list[dict[str, Any]]) -> list[str]:
                      f"{other['fp32_accuracy']:.3f} / {fmt(other.get('fp32_macro_f1'), 3)}: "
                      f"{best['architecture']} is ahead by {diff * 100:.1f} points{noise}.")
     for q in rows:
-        agreement, fp16 = q.get("fp16_agreement"), q.get("fp16_accuracy")
-        if agreement is None or fp16 is None:
-            lines.append(f"{q['architecture']}: no fp16 evaluation in the manifest.")
-            continue
-        changed = round((1 - agreement) * (q.get("examples") or 0))
-        delta = (fp16 - q["fp32_accuracy"]) * 100
-        hurt = agreement < 1.0 or delta < 0
-        lines.append(f"fp16 {'changed' if hurt else 'did not hurt'} {q['architecture']}: "
-                     f"agreement with fp32 {agreement:.4f} ({changed} label(s) changed), "
-                     f"accuracy {delta:+.2f} points.")
+        for precision in ("fp16", "int8"):
+            agreement, accuracy = q.get(f"{precision}_agreement"), q.get(f"{precision}_accuracy")
+            if agreement is None or accuracy is None:
+                lines.append(f"{q['architecture']}: no {precision} evaluation in the manifest.")
+                continue
+            changed = round((1 - agreement) * (q.get("examples") or 0))
+            delta = (accuracy - q["fp32_accuracy"]) * 100
+            hurt = agreement < 1.0 or delta < 0
+            lines.append(f"{precision} {'changed' if hurt else 'did not hurt'} "
+                         f"{q['architecture']}: agreement with fp32 {agreement:.4f} ({changed} "
+                         f"label(s) changed), accuracy {delta:+.2f} points.")
+    return lines
+
+
+def transfer_claims(quality: list[dict[str, Any]], cells: list[dict[str, Any]],
+                    spinning: Any) -> list[str]:
+    """What fine-tuning a pretrained encoder buys (accuracy over the best model trained from
+    scratch) and what it costs to serve (against the from-scratch Transformer), from the
+    numbers; nothing when no pretrained model was measured."""
+    pretrained = next((q for q in quality if q["architecture"] == "pretrained"
+                       and q.get("fp32_accuracy") is not None), None)
+    scratch = [q for q in quality if q["architecture"] != "pretrained"
+               and q.get("fp32_accuracy") is not None]
+    if pretrained is None or not scratch:
+        return []
+    best = max(scratch, key=lambda q: q["fp32_accuracy"])
+    gain = (pretrained["fp32_accuracy"] - best["fp32_accuracy"]) * 100
+    lines = [f"Transfer learning buys {gain:+.1f} points of accuracy: the fine-tuned pretrained "
+             f"encoder {pretrained['fp32_accuracy']:.3f} against the best model trained from "
+             f"scratch ({best['architecture']}) {best['fp32_accuracy']:.3f}"
+             + (f", after {pretrained['training_seconds']:.0f} s of fine-tuning against "
+                f"{best['training_seconds']:.0f} s of training" if pretrained.get(
+                    "training_seconds") and best.get("training_seconds") else "") + "."]
+    subset = one_text_cells(cells, spinning)
+    model_of = {c["architecture"]: c["model"] for c in subset}
+    if not {"pretrained", "transformer"} <= set(model_of):
+        return lines
+    costs = []
+    top = busiest(subset)
+    for length in sorted({c["length"] for c in subset}):
+        single = [_pick(subset, model_of[a], length, 1) for a in ("pretrained", "transformer")]
+        loaded = [_pick(subset, model_of[a], length, top) if top else None
+                  for a in ("pretrained", "transformer")]
+        parts = []
+        if all(single):
+            parts.append(f"{single[0]['latency_ms']['p50'] / single[1]['latency_ms']['p50']:.1f}x"
+                         " the one-caller p50")
+        if top and top > 1 and all(loaded):
+            parts.append(f"{loaded[1]['texts_per_s'] / loaded[0]['texts_per_s']:.1f}x fewer "
+                         f"texts/s at {top} callers")
+            efficiency = [c.get("texts_per_server_cpu_s") for c in loaded]
+            if all(efficiency):
+                parts.append(f"{efficiency[1] / efficiency[0]:.1f}x the server CPU per text")
+        if parts:
+            costs.append(f"at {_served_tokens(subset, length)}: " + ", ".join(parts))
+    if costs:
+        lines.append("What it costs against the from-scratch Transformer, " + "; ".join(costs)
+                     + ".")
+    sizes = [q.get("model_bytes", {}).get("fp32") if isinstance(q.get("model_bytes"), dict)
+             else None for q in (pretrained, next((q for q in scratch
+                                                    if q["architecture"] == "transformer"),
+                                                   best))]
+    if all(sizes):
+        lines.append(f"Its fp32 artifact is {sizes[0] / 1e6:.0f} MB against "
+                     f"{sizes[1] / 1e6:.1f} MB ({sizes[0] / sizes[1]:.0f}x).")
     return lines
 
 

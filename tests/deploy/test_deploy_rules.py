@@ -196,7 +196,8 @@ def synthetic_server_metrics() -> Iterator[str]:
     """The server's real metric families on a loopback /metrics, fed with steady traffic.
 
     Uses service/server/metrics.py exactly as the server does, for an LSTM and a Transformer model
-    shadowing each other, without models or gRPC; yields the ``host:port`` to scrape.
+    shadowing each other and a pretrained one, without models or gRPC; yields the
+    ``host:port`` to scrape.
     """
     # Imported here, so the promtool checks above still run while service/ is mid-change.
     import grpc
@@ -208,16 +209,19 @@ def synthetic_server_metrics() -> Iterator[str]:
     transformer = metrics.model(
         ModelLabels("sentiment-transformer", "1", "transformer", "fp32", "cpu")
     )
+    pretrained = metrics.model(
+        ModelLabels("sentiment-pretrained", "1", "pretrained", "fp32", "cpu")
+    )
     shadow = ShadowMetrics(metrics, "sentiment-lstm", "sentiment-transformer")
     metrics.model_load_failures.labels("sentiment-lstm").inc()
-    for model in (lstm, transformer):
+    for model in (lstm, transformer, pretrained):
         model.loaded(1.5)
         model.set_ready(True)
     stop = threading.Event()
 
     def traffic() -> None:
         while not stop.wait(0.05):
-            for model, seconds in ((lstm, 0.004), (transformer, 0.009)):
+            for model, seconds in ((lstm, 0.004), (transformer, 0.009), (pretrained, 0.03)):
                 model.tokenized(0.0002)
                 model.queued(0.001)
                 model.queue_depth(3)

@@ -1,5 +1,6 @@
 """A real Prometheus scraping the real server under real load: every recording rule and every
-dashboard expression returns series for both architectures."""
+dashboard expression returns series for all three architectures (LSTM, Transformer trained
+from scratch, fine-tuned pretrained encoder)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from harness.prometheus import (
     run_prometheus,
 )
 from harness.server import RunningServer, free_port, server_settings, wait_until
-from harness.tiny_models import LSTM_NAME, TRANSFORMER_NAME, copy_version, corpus
+from harness.tiny_models import (
+    LSTM_NAME,
+    PRETRAINED_NAME,
+    TRANSFORMER_NAME,
+    copy_version,
+    corpus,
+)
 
 from service.client import ClientError
 
@@ -23,8 +30,8 @@ pytestmark = [
                        reason="Debian's prometheus is not installed (.ci/run installs it)"),
     pytest.mark.timeout(240),
 ]
-ARCHITECTURES = {"lstm", "transformer"}
-MODELS = {LSTM_NAME, TRANSFORMER_NAME}
+ARCHITECTURES = {"lstm", "transformer", "pretrained"}
+MODELS = {LSTM_NAME, TRANSFORMER_NAME, PRETRAINED_NAME}
 LOAD_SECONDS = 6.0
 # A bound on the loop; the load normally stops at LOAD_SECONDS, so that Prometheus (scraping
 # every second) sees the counters move across several scrapes.
@@ -32,7 +39,7 @@ MAX_REQUESTS_PER_CALLER = 20_000
 
 
 def drive_load(server: RunningServer, stop: threading.Event) -> list[str]:
-    """Concurrent callers on both models (so batches form), plus a few bad requests each;
+    """Concurrent callers on every model (so batches form), plus a few bad requests each;
     bounded in count and time. Returns unexpected errors."""
     texts = corpus(50, seed=21)
     errors: list[str] = []
@@ -52,7 +59,7 @@ def drive_load(server: RunningServer, stop: threading.Event) -> list[str]:
     for thread in callers:
         thread.start()
     with server.client(timeout=10) as client:
-        for model in MODELS:  # rejections by reason, for both models
+        for model in MODELS:  # rejections by reason, for every model
             for _ in range(3):
                 with pytest.raises(ClientError):
                     client.classify(["fine"], model=model, top_k=99)
@@ -63,8 +70,8 @@ def drive_load(server: RunningServer, stop: threading.Event) -> list[str]:
     return errors
 
 
-def covers_both(result: list[dict]) -> bool:
-    """Non-empty, and where series carry an architecture or model label, both are there."""
+def covers_all(result: list[dict]) -> bool:
+    """Non-empty, and where series carry an architecture or model label, all are there."""
     if not result:
         return False
     architectures = {r["metric"]["architecture"] for r in result if "architecture" in r["metric"]}
@@ -74,7 +81,9 @@ def covers_both(result: list[dict]) -> bool:
     return not (models and "shadow_model" not in result[0]["metric"] and not models >= MODELS)
 
 
-def test_rules_and_dashboard_over_a_live_server(repository_copy: Path, tmp_path: Path) -> None:
+def test_rules_and_dashboard_over_a_live_server(three_architectures: Path,
+                                                tmp_path: Path) -> None:
+    repository_copy = three_architectures
     metrics_port = free_port()
     settings = server_settings(
         repository_copy, metrics_port=metrics_port, intra_op_threads=1,
@@ -95,15 +104,17 @@ def test_rules_and_dashboard_over_a_live_server(repository_copy: Path, tmp_path:
             missing = []
             for expr in [*recording_rule_names(), *dashboard_expressions()]:
                 # Only the transformer had a version fail to load: one model is right there.
-                wanted = bool if "load_failures" in expr else covers_both
+                wanted = bool if "load_failures" in expr else covers_all
                 try:
                     prometheus.wait_for(expr, wanted, timeout=30)
                 except TimeoutError:
                     missing.append(f"{expr} → {prometheus.query(expr)}")
             assert not missing, "\n".join(missing)
 
-            (ratio,) = prometheus.query("lstm_over_transformer:seqserve_texts:rate5m_ratio")
-            assert float(ratio["value"][1]) > 0
+            for ratio_rule in ("lstm_over_transformer:seqserve_texts:rate5m_ratio",
+                               "pretrained_over_transformer:seqserve_texts:rate5m_ratio"):
+                (ratio,) = prometheus.query(ratio_rule)
+                assert float(ratio["value"][1]) > 0
             (agreement,) = prometheus.query(
                 "model_shadow_model:seqserve_shadow_agreement:ratio_rate5m")
             assert 0.0 <= float(agreement["value"][1]) <= 1.0

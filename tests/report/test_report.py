@@ -13,7 +13,7 @@ from harness.cli import is_png, run_cli
 from harness.tiny_models import LSTM_NAME, TRANSFORMER_NAME
 
 from service.cli.exit_codes import ExitCode
-from service.report.claims import caveats, quality_claims, speed_claims
+from service.report.claims import caveats, quality_claims, speed_claims, transfer_claims
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,26 @@ def test_caveats_flag_load_truncation_and_few_requests() -> None:
     assert "load average was 5.0 on 2 cores before the bench started" in text
     assert "Lengths 256 exceed a model's max_length" in text
     assert "only 200 successful requests" in text and "synthetic words" in text
+
+
+def test_transfer_claims_say_what_pretraining_buys_and_costs() -> None:
+    quality = [
+        {"architecture": "lstm", "fp32_accuracy": 0.76, "training_seconds": 44,
+         "model_bytes": {"fp32": 5_200_000}},
+        {"architecture": "transformer", "fp32_accuracy": 0.765, "training_seconds": 76,
+         "model_bytes": {"fp32": 5_300_000}},
+        {"architecture": "pretrained", "fp32_accuracy": 0.842, "training_seconds": 266,
+         "model_bytes": {"fp32": 91_500_000}},
+    ]
+    cells = [_cell("t", "transformer", 64, 1, 2.0, 500), _cell("p", "pretrained", 64, 1, 12.0, 80),
+             _cell("t", "transformer", 64, 32, 40.0, 800),
+             _cell("p", "pretrained", 64, 32, 300.0, 100)]
+    cells[2]["texts_per_server_cpu_s"], cells[3]["texts_per_server_cpu_s"] = 400.0, 50.0
+    text = "\n".join(transfer_claims(quality, cells, False))
+    assert "Transfer learning buys +7.7 points of accuracy" in text
+    assert "best model trained from scratch (transformer) 0.765" in text
+    assert "after 266 s of fine-tuning against 76 s of training" in text
+    assert "at 64 tokens: 6.0x the one-caller p50, 8.0x fewer texts/s at 32 callers, 8.0x the " \
+           "server CPU per text" in text
+    assert "92 MB against 5.3 MB (17x)" in text
+    assert transfer_claims(quality[:2], cells, False) == []  # no pretrained model, no claim
