@@ -1,8 +1,8 @@
 """Container health check: exit 0 when the server's gRPC health service reports SERVING.
 
-Docker's HEALTHCHECK (deploy/Dockerfile) runs this inside the container, so `docker compose ps`
-shows when the models are loaded and warm. Kubernetes does not need it: its native `grpc:`
-probe asks the same health service (deploy/kubernetes/deployment.yaml).
+Docker's HEALTHCHECK (deploy/docker/*.Dockerfile) runs this inside the container, so
+`docker compose ps` shows when the models are loaded and warm. Kubernetes does not need it: its
+native `grpc:` probe asks the same health service (deploy/kubernetes/base/deployment.yaml).
 """
 
 from __future__ import annotations

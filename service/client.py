@@ -145,10 +145,13 @@ def _stream_item(message: pb.ClassifyStreamResponse) -> StreamItem:
 class Client:
     """Blocking client; thread-safe (one channel, as gRPC recommends)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        """``options``: extra gRPC channel arguments, e.g. ``("grpc.service_config", json)``
+        for client-side load balancing and retries over several replicas."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self._channel = grpc.insecure_channel(target, options=[*_OPTIONS, *options])
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -231,10 +234,12 @@ class PendingResult:
 class AsyncClient:
     """asyncio client for load generators: ``async with AsyncClient(target) as client``."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 options: Sequence[tuple[str, Any]] = ()) -> None:
+        """``options``: extra gRPC channel arguments, as for ``Client``."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(target, options=[*_OPTIONS, *options])
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

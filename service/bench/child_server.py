@@ -120,10 +120,12 @@ class ChildServer:
         self.address = line.removeprefix(READY_PREFIX).strip()
         return self.address
 
-    def wait(self) -> int:
-        """Block until the server exits on its own (or a signal); its exit code."""
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until the server exits on its own (or a signal); its exit code.
+
+        Raises ``subprocess.TimeoutExpired`` when ``timeout`` passes first."""
         assert self._process is not None, "not started"
-        return self._process.wait()
+        return self._process.wait(timeout)
 
     def _read_ready_line(self, deadline: float) -> str | None:
         assert self._process is not None and self._process.stdout is not None

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli.demo import add_demo_command
     from service.cli.export import add_export_commands
     from service.cli.import_model import add_import_commands
+    from service.cli.replicas import add_replicas_command
     from service.cli.repo import add_repo_commands
     from service.cli.report import add_report_command
     from service.cli.serve import add_serve_command
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(commands)
     add_bench_command(commands)
     add_report_command(commands)
+    add_replicas_command(commands)
     return parser
 
 

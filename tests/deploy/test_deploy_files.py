@@ -1,9 +1,12 @@
-"""Static checks of deploy/: compose, Kubernetes, the Dockerfile and the Grafana dashboard.
+"""Static checks of deploy/: compose and the Grafana dashboard, and what every deploy file must
+agree on (one metrics port).
 
 Nothing here runs Docker or a cluster. The files are parsed, checked against each other (one
 metrics port, one drain grace period, one datasource uid) and against the code: every
 SEQSERVE_* variable is a real setting, and every dashboard query uses only metrics the server
 exports (service/server/metrics.py) or recording rules that exist (deploy/prometheus/rules/).
+The images are checked in test_images.py, the Kubernetes and KServe manifests in
+test_kubernetes.py, the release pipeline in test_release.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from harness.dockerfiles import parse as parse_dockerfile
 from harness.prometheus import (
     DASHBOARD,
     DEPLOY,
@@ -33,8 +37,7 @@ from harness.prometheus import (
 from service.server.settings import ENV_PREFIX, ServeSettings
 
 COMPOSE = DEPLOY / "compose.yaml"
-DOCKERFILE = DEPLOY / "Dockerfile"
-KUBERNETES = DEPLOY / "kubernetes"
+DOCKER = DEPLOY / "docker"
 GRAFANA = DEPLOY / "grafana"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 DASHBOARD_PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "seqserve.yml"
@@ -46,33 +49,6 @@ def load_yaml(path: Path) -> Any:
 
 def compose() -> dict[str, Any]:
     return load_yaml(COMPOSE)
-
-
-def kubernetes_objects() -> dict[str, dict[str, Any]]:
-    """Every object of deploy/kubernetes/*.yaml by kind (one of each kind here)."""
-    objects: dict[str, dict[str, Any]] = {}
-    for path in sorted(KUBERNETES.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text()):
-            if document:
-                assert document["kind"] not in objects, f"second {document['kind']} in {path}"
-                objects[document["kind"]] = document
-    return objects
-
-
-def server_container() -> dict[str, Any]:
-    containers = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]["containers"]
-    return next(c for c in containers if c["name"] == "seqserve")
-
-
-def dockerfile_env() -> dict[str, str]:
-    """The ENV defaults of the Dockerfile's final stage (``ENV A=1 \\ B=2`` form)."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    final_stage = text.split("\nFROM ")[-1]
-    env: dict[str, str] = {}
-    for line in final_stage.splitlines():
-        if line.startswith("ENV "):
-            env.update(re.findall(r"(\w+)=(\S+)", line))
-    return env
 
 
 def seqserve_env(source: dict[str, str]) -> dict[str, str]:
@@ -92,7 +68,8 @@ def duration_s(text: str) -> float:
 def test_compose_runs_server_prometheus_and_grafana() -> None:
     services = compose()["services"]
     assert set(services) == {"seqserve", "prometheus", "grafana"}
-    assert services["seqserve"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    assert services["seqserve"]["build"] == {"context": "..",
+                                             "dockerfile": "deploy/docker/cpu.Dockerfile"}
     for name in ("prometheus", "grafana"):
         image = services[name]["image"]
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image"
@@ -133,18 +110,12 @@ def test_grafana_allows_anonymous_viewers_only() -> None:
 # --- settings and ports agree everywhere -----------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["compose", "dockerfile", "kubernetes"])
-def test_seqserve_variables_are_real_settings(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if where == "compose":
-        env = seqserve_env(compose()["services"]["seqserve"]["environment"])
-    elif where == "dockerfile":
-        env = seqserve_env(dockerfile_env())
-    else:
-        env = seqserve_env({e["name"]: e["value"] for e in server_container()["env"]})
-    assert env, f"no {ENV_PREFIX}* variables found in {where}"
+def test_compose_variables_are_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = seqserve_env(compose()["services"]["seqserve"]["environment"])
+    assert env, f"no {ENV_PREFIX}* variables found in compose"
     fields = set(ServeSettings.model_fields)
     unknown = [name for name in env if name[len(ENV_PREFIX) :].lower() not in fields]
-    assert not unknown, f"{where}: not settings: {unknown}"
+    assert not unknown, f"compose: not settings: {unknown}"
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     ServeSettings()  # the values validate too
@@ -155,71 +126,28 @@ def test_one_metrics_port_everywhere() -> None:
     scrape = load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]
     target = next(job for job in scrape if job["job_name"] == "seqserve")
     (target_address,) = target["static_configs"][0]["targets"]
-    pod = kubernetes_objects()["Deployment"]["spec"]["template"]
-    container_ports = {p["name"]: p["containerPort"] for p in server_container()["ports"]}
-    container_env = {e["name"]: e["value"] for e in server_container()["env"]}
     ports = {
         "compose": str(compose_port),
-        "Dockerfile": dockerfile_env()["SEQSERVE_METRICS_PORT"],
         "prometheus.yml": target_address.rsplit(":", 1)[1],
-        "pod annotation": pod["metadata"]["annotations"]["prometheus.io/port"],
-        "container port": str(container_ports["metrics"]),
-        "container env": container_env["SEQSERVE_METRICS_PORT"],
+        "settings default": str(ServeSettings.model_fields["metrics_port"].default),
     }
+    for image in ("cpu", "gpu"):
+        env = parse_dockerfile(DOCKER / f"{image}.Dockerfile").stages[-1].env()
+        ports[f"{image} image"] = env["SEQSERVE_METRICS_PORT"]
+    for path in sorted((DEPLOY / "kubernetes").rglob("*.yaml")):
+        text = path.read_text()
+        for found in re.findall(r'prometheus\.io/port: "(\d+)"', text):
+            ports[f"{path.name} annotation"] = found
+        for found in re.findall(r'SEQSERVE_METRICS_PORT\s+value: "(\d+)"', text):
+            ports[f"{path.name} env"] = found
+        for found in re.findall(r"name: metrics\s+containerPort: (\d+)", text):
+            ports[f"{path.name} container port"] = found
+    assert any("deployment.yaml" in where for where in ports), ports
+    assert any("inferenceservice.yaml" in where for where in ports), ports
     assert len(set(ports.values())) == 1, ports
 
 
-# --- kubernetes ----------------------------------------------------------------------------
-
-
-def test_kubernetes_probes_use_the_grpc_health_service() -> None:
-    container = server_container()
-    grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-    env = {e["name"]: e["value"] for e in container["env"]}
-    assert int(env["SEQSERVE_PORT"]) == grpc_port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
-
-
-def test_kubernetes_grace_period_covers_the_drain() -> None:
-    pod = kubernetes_objects()["Deployment"]["spec"]["template"]["spec"]
-    container = server_container()
-    drain = float(
-        next(e["value"] for e in container["env"] if e["name"] == "SEQSERVE_DRAIN_GRACE_S")
-    )
-    command = container["lifecycle"]["preStop"]["exec"]["command"]
-    assert command[0] == "sleep"
-    pre_stop = float(command[1])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
-    # Liveness must not restart a draining pod.
-    liveness = container["livenessProbe"]
-    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
-
-
-def test_kubernetes_service_selects_the_pods_and_their_ports() -> None:
-    objects = kubernetes_objects()
-    deployment, service = objects["Deployment"], objects["Service"]
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
-    assert service["spec"]["selector"].items() <= pod_labels.items()
-    port_names = {p["name"] for p in server_container()["ports"]}
-    assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
-    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/scrape"] == "true"
-
-
-# --- Dockerfile ----------------------------------------------------------------------------
-
-
-def test_dockerfile_builds_the_serving_install_only() -> None:
-    text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
-    assert "torch" not in re.sub(r"#.*", "", text), "the serving image must not install torch"
-    assert "[train" not in text
-    assert re.search(r'^ENTRYPOINT \["seqserve"\]', text, re.MULTILINE), "exec form: SIGTERM"
-    assert dockerfile_env()["SEQSERVE_HOST"] == "0.0.0.0"
-    for source in re.findall(r"^COPY (?!--from)(\S+)", text, re.MULTILINE):
-        assert (DEPLOY.parent / source).exists(), f"COPY {source}: not in the repository"
+# --- the health check the images run -------------------------------------------------------
 
 
 def test_docker_healthcheck_follows_the_grpc_health_service(
