@@ -84,6 +84,10 @@ class ModelDescription:
     evaluation: dict[str, Any] = field(default_factory=dict)
     max_texts_per_request: int = 0  # 0: a server too old to say
     source: str = ""
+    device_fallback_reason: str = ""  # why CPU although the policy would have used CUDA
+    device_gate: dict[str, Any] = field(default_factory=dict)  # fp16 re-gated on the device
+    placement: dict[str, int] = field(default_factory=dict)  # provider -> graph nodes
+    cpu_compute_nodes: list[str] = field(default_factory=list)  # compute ops CUDA left on CPU
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,19 @@ def from_model_info(info: pb.ModelInfo) -> ModelDescription:
         failed_versions={f.version: f.reason for f in info.failed_versions},
         load_seconds=info.load_seconds, evaluation=evaluation,
         max_texts_per_request=info.max_texts_per_request, source=info.source,
+        device_fallback_reason=info.device_fallback_reason,
+        device_gate=_fields_of(info.device_gate) if info.HasField("device_gate") else {},
+        placement={p.provider: p.nodes for p in info.placement},
+        cpu_compute_nodes=list(info.cpu_compute_nodes),
     )
+
+
+def _fields_of(message: Any) -> dict[str, Any]:
+    """A message's fields as a dict; unset optional fields left out."""
+    return {f.name: value if isinstance(value, str | int | float) else list(value)
+            for f in message.DESCRIPTOR.fields
+            if not f.has_presence or message.HasField(f.name)
+            for value in [getattr(message, f.name)]}
 
 
 def _stream_item(message: pb.ClassifyStreamResponse) -> StreamItem:

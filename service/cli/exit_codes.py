@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     GATE_FAILED = 5  # export refused: a parity, precision or accuracy gate failed
     IO_ERROR = 6  # the filesystem refused (permissions, disk full, version already exists)
     MISSING_EXTRA = 7  # the command needs the `train` extra (torch), which is not installed
+    DEVICE_UNAVAILABLE = 8  # doctor --device cuda: this node cannot serve on CUDA
 
 
 class CommandError(Exception):

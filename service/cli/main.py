@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from service.cli.classify import add_classify_command
     from service.cli.data import add_data_commands
     from service.cli.demo import add_demo_command
+    from service.cli.doctor import add_doctor_command
     from service.cli.export import add_export_commands
     from service.cli.import_model import add_import_commands
     from service.cli.replicas import add_replicas_command
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_command(commands)
     add_bench_command(commands)
     add_report_command(commands)
+    add_doctor_command(commands)
     add_replicas_command(commands)
     return parser
 

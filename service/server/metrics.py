@@ -21,6 +21,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from service.server.errors import REASONS
+from service.server.sessions import FALLBACK_REASONS, DeviceSelection
 
 MODEL_LABELS = ("model", "version", "architecture", "precision", "device")
 SHADOW_LABELS = ("model", "shadow_model")
@@ -105,6 +106,25 @@ class ServingMetrics:
         self.model_load_failures = Counter(
             "seqserve_model_load_failures", "Model versions refused at load", ("model",),
             registry=r)
+        self.device_fallback = Gauge(
+            "seqserve_device_fallback", "1 while a served version runs on CPU because CUDA "
+            "could not be used, by reason (closed set: no_gpu_driver, missing_cuda_library, ...)",
+            (*m, "reason"), registry=r)
+        self.cuda_library_missing = Gauge(
+            "seqserve_cuda_library_missing", "1 for each library the CUDA provider needs that "
+            "was not found or did not load, 0 once it loaded (set when CUDA was tried)",
+            ("library",), registry=r)
+        self.device_gate_agreement = Gauge(
+            "seqserve_device_gate_agreement", "Fraction of the evaluation slice on which the "
+            "candidate precision predicted fp32's label, both run on the serving device",
+            (*m, "candidate"), registry=r)
+        self.device_gate_passed = Gauge(
+            "seqserve_device_gate_passed", "1 when the candidate precision passed its re-gate on "
+            "the serving device (and is served), 0 when fp32 is served instead",
+            (*m, "candidate"), registry=r)
+        self.cpu_compute_nodes = Gauge(
+            "seqserve_cpu_compute_nodes", "Compute ops (MatMul, LSTM, float Gather, ...) ONNX "
+            "Runtime placed on CPU in a CUDA session: each costs device copies", m, registry=r)
         self.repository_scans = Counter(
             "seqserve_repository_scans", "Scans of the model repository completed (polls, "
             "SIGHUP and start-up)", registry=r)
@@ -130,8 +150,14 @@ class ServingMetrics:
             self.inference_duration, self.batch_size, self.batch_padded_tokens,
             self.batch_padding_ratio, self.texts, self.tokens, self.queue_depth, self.inflight,
             self.model_info, self.model_load_duration, self.model_ready,
+            self.cpu_compute_nodes,
         ):
             family.remove(*values)
+        for reason in FALLBACK_REASONS:
+            self.device_fallback.remove(*values, reason)
+        for candidate in ("fp16", "int8"):
+            self.device_gate_agreement.remove(*values, candidate)
+            self.device_gate_passed.remove(*values, candidate)
         for code in grpc.StatusCode:
             self.requests.remove(*values, code.name)
         for reason in REASONS:
@@ -172,6 +198,24 @@ class ModelMetrics:
         values = self.labels.values()
         self._m.model_info.labels(*values).set(1)
         self._m.model_load_duration.labels(*values).set(seconds)
+
+    def device_selected(self, selection: DeviceSelection) -> None:
+        """Why the version runs where it runs: fallback reason, libraries, re-gate, placement."""
+        values = self.labels.values()
+        if selection.fallback_kind:
+            self._m.device_fallback.labels(*values, selection.fallback_kind).set(1)
+        for library, loaded in selection.libraries:
+            self._m.cuda_library_missing.labels(library).set(0 if loaded else 1)
+        gate = selection.gate
+        if gate is not None:
+            if gate.comparison is not None:
+                self._m.device_gate_agreement.labels(*values, gate.candidate).set(
+                    gate.comparison.agreement)
+            self._m.device_gate_passed.labels(*values, gate.candidate).set(
+                1 if gate.passed else 0)
+        if self.labels.device.startswith("cuda"):
+            self._m.cpu_compute_nodes.labels(*values).set(
+                len(selection.placement.cpu_compute_nodes))
 
     def set_ready(self, ready: bool) -> None:
         self._m.model_ready.labels(*self.labels.values()).set(1 if ready else 0)

@@ -128,6 +128,8 @@ class ModelRegistry:
     async def scan(self, *, retry_failed: bool = False) -> ScanReport:
         async with self._lock:
             report = ScanReport()
+            if retry_failed:  # SIGHUP: CUDA may work now (libraries installed, GPU freed)
+                self._builder.retry_cuda()
             repository = self.settings.repository
             names = model_names(repository)
             for name in sorted(set(self.settings.model_versions) - set(names)):
@@ -140,7 +142,9 @@ class ModelRegistry:
                 if target is None:
                     continue
                 current = self._models.get(name)
-                if current is not None and current.version == target.version:
+                if current is not None and current.version == target.version and not (
+                        retry_failed and current.loaded.session.fell_back_from_cuda
+                        and self._builder.cuda_may_start()):
                     continue
                 failed = self._failed.get(name, {})
                 if (target.version not in failed or retry_failed) and await self._load_and_swap(
@@ -185,8 +189,13 @@ class ModelRegistry:
         except (LoadError, ManifestError, OSError) as exc:
             self._refuse(report, name, target.version, str(exc).splitlines()[0])
             return False
-        served = self._activate(loaded)
         previous = self._models.get(name)
+        if (previous is not None and previous.version == target.version
+                and previous.device == loaded.session.device):
+            log.info("%s/%s: still on %s after the retry (%s)", name, target.version,
+                     previous.device, loaded.session.selection.fallback_reason)
+            return True  # the one serving is as good; swapping would only churn its metrics
+        served = self._activate(loaded)
         self._models[name] = served  # the atomic swap
         self._failed.get(name, {}).pop(target.version, None)
         report.loaded.append(f"{name}/{target.version}")
@@ -222,6 +231,7 @@ class ModelRegistry:
         )
         batcher.start()
         metrics.loaded(loaded.load_seconds)
+        metrics.device_selected(session.selection)
         metrics.set_ready(True)
         return ServedModel(loaded, batcher, metrics)
 

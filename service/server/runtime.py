@@ -1,9 +1,13 @@
-"""ONNX Runtime sessions: which artifact on which device, verified, configured and warmed up.
+"""Which artifact on which device: verified, created, placed, re-gated and warmed up.
 
-The device policy is decided from what a session *really* runs on: ``onnxruntime-gpu`` lists
+The device is decided from what a session *really* does. ``onnxruntime-gpu`` lists
 ``CUDAExecutionProvider`` as available even where the CUDA libraries are missing, and then
-creates a CPU session without raising. So every CUDA attempt reads ``session.get_providers()``
-afterwards; ``auto`` falls back to CPU + fp32, an explicit ``cuda`` fails the load.
+creates a CPU session without raising; and cuDNN opens lazily, so a Transformer session can
+create fine and fail on its first run. So a CUDA attempt is honoured only when the libraries
+load (``cuda_libraries.py``, which names the missing one), the session reports CUDA first, its
+compute ops landed on CUDA (``placement.py``), fp16 passes its re-gate on the device
+(``device_gate.py``) and warm-up runs. A failure anywhere in that chain is handled alike:
+``auto`` serves the model on CPU (fp32) and records why, ``cuda`` refuses the model.
 
 Nothing here touches asyncio: loading runs in a worker thread, inference in the batcher's.
 """
@@ -14,63 +18,41 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-import numpy as np
 import onnxruntime as ort
 
-from service.repo.graph import (
-    ATTENTION_MASK,
-    CPU_PROVIDER,
-    CUDA_PROVIDER,
-    INPUT_IDS,
-    OUTPUT_NAME,
-    GraphContractError,
-    check_signature,
-    open_session,
-    run_logits,
-)
-from service.repo.graph import session_options as graph_session_options
 from service.repo.layout import ModelVersion, verify_artifact, verify_file
 from service.repo.manifest import PRECISIONS, Artifact, Manifest, ManifestError, Precision
-from service.repo.tokenization import TextTokenizer, pad_batch
+from service.repo.tokenization import TextTokenizer
+from service.server import cuda_libraries
+from service.server.device_gate import (
+    DeviceGateResult,
+    GateThresholds,
+    not_measured,
+    read_evaluation_slice,
+    regate,
+)
 from service.server.ort_logging import quiet_ort_logging
+from service.server.placement import read_placement
+from service.server.sessions import (
+    CPU,
+    CUDA,
+    DeviceSelection,
+    LoadError,
+    ModelSession,
+    SessionFactory,
+    length_buckets,
+    ort_session_factory,
+    providers_for,
+    session_options,
+    warm_up,
+)
 from service.server.settings import ServeSettings
 
+__all__ = ["CPU", "CUDA", "LoadError", "LoadedVersion", "ModelSession", "SessionBuilder",
+           "length_buckets", "load_version", "plan_attempts", "session_options"]
+
 log = logging.getLogger(__name__)
-
-CUDA = CUDA_PROVIDER
-CPU = CPU_PROVIDER
-
-
-class LoadError(Exception):
-    """A model version that cannot be served; the message is one line and says why."""
-
-
-class SessionLike(Protocol):
-    def get_providers(self) -> list[str]: ...
-    def get_inputs(self) -> list[Any]: ...
-    def get_outputs(self) -> list[Any]: ...
-    def run(self, output_names: Sequence[str], feed: dict[str, np.ndarray]) -> list[Any]: ...
-    def io_binding(self) -> Any: ...
-    def run_with_iobinding(self, binding: Any) -> None: ...
-
-
-# (model path, options, providers with their options) -> session. Tests inject a fake one to
-# exercise the GPU branches on a machine without a GPU.
-SessionFactory = Callable[[str, ort.SessionOptions, list[Any]], SessionLike]
-
-
-def ort_session_factory(
-    path: str, options: ort.SessionOptions, providers: list[Any]
-) -> SessionLike:
-    return open_session(path, options, providers)
-
-
-def session_options(settings: ServeSettings) -> ort.SessionOptions:
-    return graph_session_options(
-        intra_op_threads=settings.intra_op_threads, inter_op_threads=settings.inter_op_threads,
-        optimization=settings.graph_optimization, allow_spinning=settings.allow_spinning)
 
 
 @dataclass(frozen=True)
@@ -86,7 +68,7 @@ def plan_attempts(
     if settings.device == "cuda" and CUDA not in available:
         raise LoadError(
             f"device=cuda requested but this onnxruntime has no {CUDA} (available: "
-            f"{', '.join(available)})"
+            f"{', '.join(available)}); install seqserve[gpu]"
         )
     devices = ["cpu"] if settings.device == "cpu" or CUDA not in available else ["cuda"]
     if settings.device == "auto" and devices == ["cuda"]:
@@ -130,102 +112,201 @@ def _choose_artifact(manifest: Manifest, precision: str, device: str) -> Artifac
     return None
 
 
-class ModelSession:
-    """One ORT session and how to run it; ``run`` is called from one worker thread at a time."""
+class CudaUnavailable(Exception):
+    """A CUDA attempt that failed. ``kind`` is one of ``sessions.FALLBACK_REASONS``; ``sticky``
+    when the machine, not this model, is at fault, so later loads skip CUDA under ``auto``."""
 
-    def __init__(
-        self, session: SessionLike, device: str, precision: str, *, cuda_device_id: int = 0
-    ) -> None:
-        self.session = session
-        self.device = device  # "cpu" or "cuda:N"
-        self.precision = precision
-        self.providers = list(session.get_providers())
-        self._cuda_device_id = cuda_device_id
-        try:
-            check_signature(session)
-        except GraphContractError as error:
-            raise LoadError(str(error)) from None
+    def __init__(self, reason: str, kind: str, *, sticky: bool,
+                 libraries: tuple[tuple[str, bool], ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason, self.kind, self.sticky, self.libraries = reason, kind, sticky, libraries
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        if self.device.startswith("cuda"):
-            return self._run_bound(input_ids, attention_mask)
-        return run_logits(self.session, input_ids, attention_mask)
 
-    def _run_bound(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        # Per ORT's IOBinding docs: binding lets ORT copy the inputs to the device once and
-        # allocate the output in device memory, instead of the implicit copies and host
-        # allocation that Run() does on every call; the small logits come back in one copy.
-        # Not exercised in this repository's CI (no GPU there).
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids))
-        binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask))
-        binding.bind_output(OUTPUT_NAME, "cuda", self._cuda_device_id)
-        self.session.run_with_iobinding(binding)
-        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
+def _library_failure(report: cuda_libraries.CudaLibraryReport) -> CudaUnavailable:
+    kind = ("no_gpu_driver" if report.driver_missing else
+            "missing_cuda_library" if report.missing else "cuda_driver_error")
+    libraries = tuple((s.library.soname, s.loaded) for s in report.statuses
+                      if s.library.required)
+    return CudaUnavailable(report.reason(), kind, sticky=True, libraries=libraries)
 
 
 @dataclass
 class SessionBuilder:
-    """Creates sessions under the device policy; remembers a CUDA provider that failed to start.
-
-    Trying CUDA again for every model would only repeat a slow, noisy failure.
-    """
+    """Creates sessions under the device policy; remembers a machine whose CUDA cannot start
+    (trying again for every model would only repeat a slow, noisy failure) until
+    ``retry_cuda`` (SIGHUP) forgets it."""
 
     settings: ServeSettings
     factory: SessionFactory = ort_session_factory
     available: Sequence[str] = field(default_factory=ort.get_available_providers)
-    cuda_failed: bool = False
+    # Finds and loads the CUDA libraries; tests pass a report of a machine with a GPU.
+    probe_libraries: Callable[[], cuda_libraries.CudaLibraryReport] = cuda_libraries.probe
+    cuda_failure: CudaUnavailable | None = None
+    _libraries: cuda_libraries.CudaLibraryReport | None = field(default=None, repr=False)
 
-    def create(self, model: ModelVersion, manifest: Manifest) -> ModelSession:
+    @property
+    def cuda_failed(self) -> bool:
+        return self.cuda_failure is not None
+
+    def retry_cuda(self) -> None:
+        """Forget an earlier CUDA failure and the library probe: the next load tries again."""
+        self.cuda_failure, self._libraries = None, None
+
+    def cuda_may_start(self) -> bool:
+        """Whether a CUDA attempt now has a chance: the provider exists, the libraries load."""
+        return (self.settings.device != "cpu" and CUDA in self.available
+                and self.cuda_failure is None and self._cuda_libraries().usable)
+
+    def create(self, model: ModelVersion, manifest: Manifest,
+               tokenizer: TextTokenizer) -> ModelSession:
+        """A verified, warmed-up session; raises LoadError (or ManifestError) when none can
+        be served under the policy."""
         available = list(self.available)
-        if self.cuda_failed and self.settings.device == "auto":
+        fallback = self.cuda_failure if self.settings.device == "auto" else None
+        if fallback is not None:
             available.remove(CUDA)
+        elif self.settings.device == "auto" and CUDA not in available:
+            fallback = CudaUnavailable(
+                f"this onnxruntime has no {CUDA} (available: {', '.join(available)}); "
+                "install seqserve[gpu] on Linux x86_64", "no_cuda_provider", sticky=True)
         for attempt in plan_attempts(manifest, self.settings, available):
-            path = verify_artifact(model, attempt.artifact)
             if not attempt.artifact.passed_gates:
                 log.warning("%s/%s: serving %s, which failed its export gates (forced)",
                             model.name, model.version, attempt.artifact.precision)
             if attempt.device == "cpu":
-                session = self.factory(str(path), session_options(self.settings), [CPU])
-                return ModelSession(session, "cpu", attempt.artifact.precision)
-            session = self._try_cuda(model, str(path))
-            if session is not None:
-                return ModelSession(session, f"cuda:{self.settings.cuda_device_id}",
-                                    attempt.artifact.precision,
-                                    cuda_device_id=self.settings.cuda_device_id)
-        raise LoadError(f"{model.name}/{model.version}: no session could be created")
+                return self._on_cpu(model, manifest, attempt.artifact, fallback)
+            try:
+                return self._on_cuda(model, manifest, attempt.artifact, tokenizer)
+            except CudaUnavailable as failure:
+                fallback = self._cuda_failed(model, failure)
+        reason = f": {fallback.reason}" if fallback else ""
+        raise LoadError(f"{model.name}/{model.version}: no session could be created{reason}")
 
-    def _try_cuda(self, model: ModelVersion, path: str) -> SessionLike | None:
-        providers: list[Any] = [(CUDA, {"device_id": self.settings.cuda_device_id}), CPU]
-        # Under `auto` a CPU-only machine is normal, and ORT's multi-line red error about the
-        # missing CUDA libraries would alarm for nothing: quiet ORT for this one attempt.
-        # `--device cuda` keeps ORT's diagnostics.
+    def _cuda_failed(self, model: ModelVersion, failure: CudaUnavailable) -> CudaUnavailable:
+        if self.settings.device == "cuda":
+            raise LoadError(f"{model.name}/{model.version}: device=cuda requested but CUDA "
+                            f"cannot serve it: {failure.reason}") from None
+        first = self.cuda_failure is None
+        if failure.sticky:
+            self.cuda_failure = failure
+        # A machine without a GPU is normal under auto; a GPU machine that cannot use it is not.
+        level = logging.INFO if failure.kind == "no_gpu_driver" or not first else logging.WARNING
+        log.log(level, "%s/%s: CUDA not used (%s); serving on CPU (`seqserve doctor --device "
+                "cuda` explains)", model.name, model.version, failure.reason)
+        return failure
+
+    def _on_cpu(self, model: ModelVersion, manifest: Manifest, artifact: Artifact,
+                fallback: CudaUnavailable | None) -> ModelSession:
+        path = str(verify_artifact(model, artifact))
+        raw = self.factory(path, session_options(self.settings), providers_for("cpu",
+                                                                                self.settings))
+        selection = DeviceSelection(
+            fallback_reason=fallback.reason if fallback else "",
+            fallback_kind=fallback.kind if fallback else "",
+            libraries=fallback.libraries if fallback else (),
+            placement=read_placement(raw, path))
+        session = ModelSession(raw, "cpu", artifact.precision, path=path, selection=selection)
+        self._warm_up(session, manifest)
+        return session
+
+    def _cuda_libraries(self) -> cuda_libraries.CudaLibraryReport:
+        if self._libraries is None:
+            cuda_libraries.preload_onnxruntime_libraries()
+            self._libraries = self.probe_libraries()
+        return self._libraries
+
+    def _on_cuda(self, model: ModelVersion, manifest: Manifest, artifact: Artifact,
+                 tokenizer: TextTokenizer) -> ModelSession:
+        libraries = self._cuda_libraries()
+        if not libraries.usable:
+            raise _library_failure(libraries)
+        session = self._open_cuda(model, artifact)
+        gate, session = self._regate(model, manifest, artifact, session, tokenizer)
+        loaded = tuple((s.library.soname, True) for s in libraries.statuses
+                       if s.library.required)
+        session.selection = DeviceSelection(libraries=loaded, gate=gate,
+                                            placement=session.selection.placement)
+        try:
+            self._warm_up(session, manifest)
+        except LoadError:
+            raise  # a wrong output shape is the model's fault on any device
+        except Exception as exc:  # ORT's RuntimeException: cuDNN missing, out of memory
+            raise CudaUnavailable(f"failed on CUDA at warm-up: {_one_line(exc)}",
+                                  "cuda_run_error", sticky=False) from exc
+        return session
+
+    def _open_cuda(self, model: ModelVersion, artifact: Artifact) -> ModelSession:
+        path = str(verify_artifact(model, artifact))
+        # Under auto ORT's multi-line red error would alarm for nothing: the reason is
+        # reported in one line instead. --device cuda keeps ORT's diagnostics.
         with quiet_ort_logging(self.settings.device == "auto"):
             try:
-                session = self.factory(path, session_options(self.settings), providers)
-                reason = "" if session.get_providers()[:1] == [CUDA] else (
-                    f"session providers are {session.get_providers()}")
+                raw = self.factory(path, session_options(self.settings, cuda=True),
+                                   providers_for("cuda", self.settings))
             except Exception as exc:  # ORT raises its own Fail/RuntimeException types
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if not reason:
-            return session
-        self.cuda_failed = True
-        if self.settings.device == "cuda":
-            raise LoadError(f"{model.name}/{model.version}: device=cuda requested but the "
-                            f"CUDA provider did not start ({reason})")
-        log.warning("%s/%s: CUDA provider did not start (%s); falling back to CPU + fp32 "
-                    "(--device cuda shows ONNX Runtime's reason)", model.name, model.version,
-                    reason)
-        return None
+                raise CudaUnavailable(f"creating the CUDA session failed: {_one_line(exc)}",
+                                      "cuda_session_error", sticky=False) from exc
+        if raw.get_providers()[:1] != [CUDA]:
+            raise CudaUnavailable(
+                f"onnxruntime created a CPU session although the CUDA libraries loaded "
+                f"(providers {raw.get_providers()})", "cuda_session_on_cpu", sticky=True)
+        placement = read_placement(raw, path)
+        where = f"{model.name}/{model.version} {artifact.precision}"
+        if placement.cpu_compute_nodes:
+            if self.settings.device == "cuda":
+                raise LoadError(f"{where}: device=cuda requested but ONNX Runtime placed "
+                                f"compute ops on CPU ({placement.summary()})")
+            log.warning("%s on CUDA with compute ops on CPU (each batch copies between "
+                        "devices): %s", where, placement.summary())
+        else:
+            log.info("%s on CUDA, %s", where, placement.summary())
+        device = f"cuda:{self.settings.cuda_device_id}"
+        return ModelSession(raw, device, artifact.precision, path=path,
+                            selection=DeviceSelection(placement=placement))
+
+    def _regate(self, model: ModelVersion, manifest: Manifest, artifact: Artifact,
+                candidate: ModelSession, tokenizer: TextTokenizer
+                ) -> tuple[DeviceGateResult | None, ModelSession]:
+        """fp16 under an auto policy is re-gated against fp32 on this device: the result, and
+        the session to serve (the candidate if it passed, else the fp32 one)."""
+        precision = artifact.precision
+        if self.settings.precision in PRECISIONS or precision == "fp32":
+            return None, candidate  # forced precisions are served as asked
+        thresholds = GateThresholds(self.settings.device_gate_min_agreement,
+                                    self.settings.device_gate_max_accuracy_drop)
+        where = f"{model.name}/{model.version}"
+        fp32 = manifest.artifact("fp32")
+        if fp32 is None or not fp32.passed_gates:
+            raise LoadError(f"{where}: no gated fp32 artifact to re-gate {precision} against "
+                            "on CUDA; force --precision to serve it unchecked")
+        data = read_evaluation_slice(model, manifest)
+        reference = self._open_cuda(model, fp32)
+        if data is None:
+            result = not_measured(precision, thresholds, "no evaluation slice in the manifest "
+                                  f"to re-gate {precision} on this device")
+            log.warning("%s: %s", where, result.detail)
+            return result, reference
+        try:
+            result = regate(reference.run, candidate.run, tokenizer, data, thresholds,
+                            candidate_precision=precision,
+                            fp32_op_types=artifact.fp32_op_types,
+                            device=candidate.device)
+        except Exception as exc:
+            raise CudaUnavailable(f"failed on CUDA running the evaluation slice: "
+                                  f"{_one_line(exc)}", "cuda_run_error", sticky=False) from exc
+        log.log(logging.INFO if result.passed else logging.WARNING, "%s: %s", where,
+                result.detail)
+        return result, candidate if result.passed else reference
+
+    def _warm_up(self, session: ModelSession, manifest: Manifest) -> None:
+        if self.settings.warmup:
+            spec = manifest.tokenizer
+            warm_up(session, len(manifest.labels), spec.max_length, self.settings,
+                    pad_id=spec.pad_id)
 
 
-def length_buckets(max_length: int) -> list[int]:
-    """Powers of two from 8 up to max_length, and max_length itself."""
-    buckets, length = [], 8
-    while length < max_length:
-        buckets.append(length)
-        length *= 2
-    return [*buckets, max_length]
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 @dataclass
@@ -248,32 +329,9 @@ def load_version(
         spec = manifest.tokenizer
         tokenizer = TextTokenizer.from_file(
             verify_file(model.directory, spec.file, spec.sha256), spec.max_length, spec.pad_id)
-        session = builder.create(model, manifest)
-        if settings.warmup:
-            warm_up(session, len(manifest.labels), spec.max_length, settings,
-                    pad_id=spec.pad_id)
+        session = builder.create(model, manifest, tokenizer)
     except (ManifestError, LoadError):
         raise
     except Exception as exc:  # ORT and tokenizers errors: keep the reason, one line
-        raise LoadError(f"{model.directory}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        raise LoadError(f"{model.directory}: {_one_line(exc)}") from exc
     return LoadedVersion(model, manifest, tokenizer, session, time.monotonic() - started)
-
-
-def warm_up(
-    session: ModelSession, num_labels: int, max_length: int, settings: ServeSettings, *,
-    pad_id: int = 0,
-) -> None:
-    """Run each length bucket at batch 1 and at the largest batch the budget allows.
-
-    The first run of a shape allocates memory (and on CUDA picks kernels); doing it here keeps
-    that cost out of the first requests, and checks the graph's output shape.
-    """
-    for length in length_buckets(max_length):
-        widest = max(1, min(settings.max_batch_texts, settings.max_batch_tokens // length))
-        for rows in sorted({1, widest}):
-            # Any in-vocabulary id will do; the pad id is one for certain.
-            batch = pad_batch([[pad_id] * length for _ in range(rows)], pad_id=pad_id)
-            logits = session.run(batch.input_ids, batch.attention_mask)
-            if logits.shape != (rows, num_labels):
-                raise LoadError(
-                    f"warm-up: logits shape {logits.shape}, expected ({rows}, {num_labels})")

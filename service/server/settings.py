@@ -87,11 +87,14 @@ class ServeSettings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
     precision: Literal["auto", "auto-int8", "fp32", "fp16", "int8"] = Field(
         "auto",
-        description="auto: fp16 on CUDA, fp32 on CPU, only artifacts that passed the export "
-        "gates; auto-int8: the same, but on CPU an int8 artifact that passed its gate first; "
+        description="auto: fp16 on CUDA if it passes its re-gate on the device (else fp32), "
+        "fp32 on CPU, only artifacts that passed the export gates; auto-int8: the same, but "
+        "on CPU an int8 artifact that passed its gate first; "
         "fp32/fp16/int8 force that artifact even if it failed its gates",
     )
-    intra_op_threads: int = Field(0, ge=0, description="ORT intra-op threads (0: ORT default)")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ORT intra-op threads (0: ORT default on CPU, 1 on CUDA, where the "
+        "CPU runs only shape arithmetic)")
     inter_op_threads: int = Field(0, ge=0, description="ORT inter-op threads (0: ORT default)")
     allow_spinning: bool = Field(
         False,
@@ -103,6 +106,31 @@ class ServeSettings(BaseSettings):
         description="ORT graph optimisation level; 'all' crashed an fp16 transformer on CPU",
     )
     warmup: bool = Field(True, description="run every length bucket once before serving")
+    cuda_use_tf32: bool = Field(
+        False,
+        description="let CUDA run fp32 MatMul/Gemm in TF32 (faster on Ampere and later, but "
+        "rounds to 10 mantissa bits: the export's 1e-4 fp32 parity no longer holds)",
+    )
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kSameAsRequested",
+        description="how a CUDA session's memory arena grows; warm-up already reaches the "
+        "largest batch, and a hot reload holds two versions, so no power-of-two slack",
+    )
+    cuda_mem_limit_bytes: int = Field(
+        0, ge=0, description="cap on each CUDA session's memory arena (gpu_mem_limit; 0: none); "
+        "a hot reload holds two versions of a model at once",
+    )
+    device_gate_min_agreement: float = Field(
+        0.995, ge=0.0, le=1.0,
+        description="on CUDA, --precision auto serves fp16 only if it predicts fp32's label on "
+        "this fraction of the stored evaluation slice, run on the device (mirrors the export's "
+        "--fp16-min-agreement)",
+    )
+    device_gate_max_accuracy_drop: float = Field(
+        0.005, ge=0.0, le=1.0,
+        description="and loses at most this much accuracy there (fraction; mirrors the export's "
+        "--fp16-max-accuracy-drop)",
+    )
 
     # --- batching -------------------------------------------------------------------------
     max_batch_texts: int = Field(32, ge=1, description="texts per executed batch")

@@ -1,19 +1,20 @@
 """Device and precision selection, session options and settings, on a machine without a GPU.
 
-The GPU is the only thing faked here: a session factory that reports the providers a real
-onnxruntime-gpu would report with and without working CUDA libraries.
+The GPU is the only thing faked here (``harness.fake_gpu``): a session factory whose CUDA
+sessions run the real model on CPU and report what a real onnxruntime-gpu reports. The CUDA
+failure paths in detail are in ``test_device_selection.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from harness.fake_gpu import FakeCudaFactory, FakeCudaSession, library_report
 from harness.server import server_settings
 from harness.tiny_models import LSTM_NAME
 
@@ -21,6 +22,8 @@ from service.cli.exit_codes import CommandError
 from service.cli.serve import add_serve_command, settings_from_args
 from service.repo.layout import latest_version
 from service.repo.manifest import Manifest
+from service.repo.tokenization import TextTokenizer
+from service.server.cuda_libraries import probe
 from service.server.runtime import (
     CPU,
     CUDA,
@@ -32,100 +35,66 @@ from service.server.runtime import (
     plan_attempts,
     session_options,
 )
+from service.server.sessions import FALLBACK_REASONS, cuda_provider_options, providers_for
 from service.server.settings import ServeSettings, ShadowRule
 
-INPUTS = [SimpleNamespace(name="input_ids", type="tensor(int64)"),
-          SimpleNamespace(name="attention_mask", type="tensor(int64)")]
-OUTPUTS = [SimpleNamespace(name="logits", type="tensor(float)")]
 
-
-class FakeSession:
-    def __init__(self, providers: list[str]) -> None:
-        self._providers = providers
-        self.bound: list[tuple[str, Any]] = []
-
-    def get_providers(self) -> list[str]:
-        return self._providers
-
-    def get_inputs(self) -> list[Any]:
-        return INPUTS
-
-    def get_outputs(self) -> list[Any]:
-        return OUTPUTS
-
-    def io_binding(self) -> Any:
-        session = self
-
-        class Binding:
-            def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
-                session.bound.append(("input", name))
-
-            def bind_output(self, name: str, device: str, device_id: int) -> None:
-                session.bound.append(("output", f"{name}@{device}:{device_id}"))
-
-            def copy_outputs_to_cpu(self) -> list[np.ndarray]:
-                return [np.zeros((1, 2), dtype=np.float32)]
-
-        return Binding()
-
-    def run_with_iobinding(self, binding: Any) -> None:
-        self.bound.append(("run", ""))
-
-
-class FakeFactory:
-    """Records each session request; ``cuda_works`` decides what a CUDA session reports."""
-
-    def __init__(self, cuda_works: bool | None) -> None:
-        self.cuda_works = cuda_works  # None: creating a CUDA session raises
-        self.calls: list[tuple[str, str]] = []
-
-    def __call__(self, path: str, options: Any, providers: list[Any]) -> FakeSession:
-        wants_cuda = any(p == CUDA or (isinstance(p, tuple) and p[0] == CUDA) for p in providers)
-        self.calls.append(("cuda" if wants_cuda else "cpu", Path(path).name))
-        if wants_cuda and self.cuda_works is None:
-            raise RuntimeError("CUDA failure 35: driver too old")
-        if wants_cuda and self.cuda_works:
-            return FakeSession([CUDA, CPU])
-        return FakeSession([CPU])  # what onnxruntime-gpu does silently when CUDA cannot start
-
-
-def _build(repo: Path, cuda_works: bool | None, available=(CUDA, CPU), **settings: Any):
-    factory = FakeFactory(cuda_works)
-    builder = SessionBuilder(server_settings(repo, **settings), factory, list(available))
+def _build(repo: Path, cuda: str, available=(CUDA, CPU), **settings: Any):
+    factory = FakeCudaFactory(cuda)
+    builder = SessionBuilder(server_settings(repo, **settings), factory, list(available),
+                             probe_libraries=library_report)
     model = latest_version(repo, LSTM_NAME)
-    return builder, factory, model, model.load_manifest()
+    manifest = model.load_manifest()
+    spec = manifest.tokenizer
+    tokenizer = TextTokenizer.from_file(model.directory / spec.file, spec.max_length)
+    return builder, factory, model, manifest, tokenizer
 
 
 def test_auto_uses_cuda_and_fp16_when_cuda_really_starts(tiny_repository: Path) -> None:
-    builder, factory, model, manifest = _build(tiny_repository, True, device="auto")
-    session = builder.create(model, manifest)
+    builder, factory, model, manifest, tokenizer = _build(tiny_repository, "works",
+                                                          device="auto")
+    session = builder.create(model, manifest, tokenizer)
     assert (session.device, session.precision) == ("cuda:0", "fp16")
-    assert factory.calls == [("cuda", "model.fp16.onnx")]
+    # fp16 is re-gated against fp32 on the same device before it is served.
+    assert factory.calls == [("cuda", "model.fp16.onnx"), ("cuda", "model.fp32.onnx")]
+    assert session.selection.fallback_reason == ""
 
 
-@pytest.mark.parametrize("cuda_works", [False, None], ids=["silent-cpu-fallback", "raises"])
+@pytest.mark.parametrize("cuda", ["cpu", "raises"], ids=["silent-cpu-fallback", "raises"])
 def test_auto_falls_back_to_cpu_fp32_when_cuda_does_not_start(tiny_repository: Path,
-                                                              cuda_works) -> None:
-    builder, factory, model, manifest = _build(tiny_repository, cuda_works, device="auto")
-    session = builder.create(model, manifest)
+                                                              cuda: str) -> None:
+    builder, factory, model, manifest, tokenizer = _build(tiny_repository, cuda, device="auto")
+    session = builder.create(model, manifest, tokenizer)
     assert (session.device, session.precision) == ("cpu", "fp32")
     assert factory.calls == [("cuda", "model.fp16.onnx"), ("cpu", "model.fp32.onnx")]
-    builder.create(model, manifest)  # the next model does not try CUDA again
+    assert session.selection.fallback_reason and session.fell_back_from_cuda
+
+
+def test_a_machine_whose_cuda_cannot_start_is_not_tried_again(tiny_repository: Path) -> None:
+    builder, factory, model, manifest, tokenizer = _build(tiny_repository, "cpu", device="auto")
+    builder.create(model, manifest, tokenizer)
+    builder.create(model, manifest, tokenizer)  # the next model does not try CUDA again
     assert factory.calls[2:] == [("cpu", "model.fp32.onnx")]
+    builder.retry_cuda()  # SIGHUP: it does
+    builder.create(model, manifest, tokenizer)
+    assert factory.calls[3:] == [("cuda", "model.fp16.onnx"), ("cpu", "model.fp32.onnx")]
 
 
 def test_explicit_cuda_fails_the_load_when_cuda_does_not_start(tiny_repository: Path) -> None:
-    builder, _, model, manifest = _build(tiny_repository, False, device="cuda")
-    with pytest.raises(LoadError, match="CUDA provider did not start"):
-        builder.create(model, manifest)
-    builder, _, model, manifest = _build(tiny_repository, True, available=(CPU,), device="cuda")
+    builder, _, model, manifest, tokenizer = _build(tiny_repository, "cpu", device="cuda")
+    with pytest.raises(LoadError, match="onnxruntime created a CPU session"):
+        builder.create(model, manifest, tokenizer)
+    builder, _, model, manifest, tokenizer = _build(tiny_repository, "works", available=(CPU,),
+                                                    device="cuda")
     with pytest.raises(LoadError, match="no CUDAExecutionProvider"):
-        builder.create(model, manifest)
+        builder.create(model, manifest, tokenizer)
 
 
 def test_cpu_never_tries_cuda(tiny_repository: Path) -> None:
-    builder, factory, model, manifest = _build(tiny_repository, True, device="cpu")
-    assert builder.create(model, manifest).device == "cpu"
+    builder, factory, model, manifest, tokenizer = _build(tiny_repository, "works",
+                                                          device="cpu")
+    session = builder.create(model, manifest, tokenizer)
+    assert session.device == "cpu" and session.selection.fallback_reason == ""
     assert factory.calls == [("cpu", "model.fp32.onnx")]
 
 
@@ -169,13 +138,13 @@ def test_int8_is_served_on_cpu_only_when_asked_for_and_gated(tiny_repository: Pa
         ("cuda", "fp16"), ("cpu", "int8")]
 
 
-def test_iobinding_is_used_on_cuda() -> None:
-    fake = FakeSession([CUDA, CPU])
-    logits = ModelSession(fake, "cuda:1", "fp16", cuda_device_id=1).run(
-        np.ones((1, 3), np.int64), np.ones((1, 3), np.int64))
-    assert logits.dtype == np.float32
-    assert fake.bound == [("input", "input_ids"), ("input", "attention_mask"),
-                          ("output", "logits@cuda:1"), ("run", "")]
+def test_cuda_sessions_run_through_the_plain_run_path(tiny_repository: Path) -> None:
+    """No IOBinding: a CUDA session is run exactly like a CPU one (see sessions.py)."""
+    model = latest_version(tiny_repository, LSTM_NAME)
+    fake = FakeCudaSession(str(model.directory / "model.fp16.onnx"))
+    logits = ModelSession(fake, "cuda:1", "fp16").run(np.ones((2, 3), np.int64),
+                                                      np.ones((2, 3), np.int64))
+    assert logits.dtype == np.float32 and logits.shape == (2, 2) and fake.runs == 1
 
 
 def test_real_onnxruntime_on_this_machine(tiny_repository: Path) -> None:
@@ -190,6 +159,25 @@ def test_real_onnxruntime_on_this_machine(tiny_repository: Path) -> None:
     if not gpu_present:
         assert loaded.session.providers == [CPU]
         assert builder.cuda_failed == (CUDA in ort.get_available_providers())
+    if not gpu_present and CUDA in ort.get_available_providers():
+        # The reason is the probe's, naming what this machine lacks (here: libcuda.so.1).
+        report = probe()
+        assert not report.usable
+        assert loaded.session.selection.fallback_reason == report.reason()
+        assert loaded.session.selection.fallback_kind in FALLBACK_REASONS
+
+
+def test_the_library_probe_names_what_this_machine_lacks() -> None:
+    report = probe()
+    for status in report.statuses:
+        if status.loaded:
+            assert Path(status.path).name.startswith(status.library.soname)
+        else:
+            assert status.library.soname in status.describe()
+    if not report.usable:
+        missing = [s.library.soname for s in report.missing]
+        assert missing or report.driver_problem()
+        assert all(name in report.reason() for name in missing)
 
 
 def test_session_options_follow_the_settings(tiny_repository: Path) -> None:
@@ -200,6 +188,25 @@ def test_session_options_follow_the_settings(tiny_repository: Path) -> None:
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     spinning = session_options(server_settings(tiny_repository, allow_spinning=True))
     assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.record_ep_graph_assignment_info") == "1"
+
+
+def test_cuda_sessions_get_one_thread_no_tf32_and_the_arena_settings(
+        tiny_repository: Path) -> None:
+    settings = server_settings(tiny_repository, intra_op_threads=0, cuda_device_id=1,
+                               cuda_mem_limit_bytes=2 << 30)
+    assert session_options(settings, cuda=True).intra_op_num_threads == 1
+    assert session_options(settings).intra_op_num_threads == 0  # ORT's default on CPU
+    assert session_options(settings.model_copy(update={"intra_op_threads": 4}),
+                           cuda=True).intra_op_num_threads == 4  # an explicit value wins
+    assert cuda_provider_options(settings) == {
+        "device_id": "1", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested",
+        "gpu_mem_limit": str(2 << 30)}
+    tf32 = cuda_provider_options(server_settings(tiny_repository, cuda_use_tf32=True,
+                                                 cuda_arena_extend_strategy="kNextPowerOfTwo"))
+    assert tf32 == {"device_id": "0", "use_tf32": "1", "arena_extend_strategy": "kNextPowerOfTwo"}
+    assert providers_for("cuda", settings)[0] == (CUDA, cuda_provider_options(settings))
+    assert providers_for("cpu", settings) == [CPU]
 
 
 def test_length_buckets() -> None:

@@ -167,7 +167,7 @@ class FailedVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source")
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +184,10 @@ class ModelInfo(_message.Message):
     FAILED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_GATE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    CPU_COMPUTE_NODES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     available_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -200,4 +204,46 @@ class ModelInfo(_message.Message):
     failed_versions: _containers.RepeatedCompositeFieldContainer[FailedVersion]
     max_texts_per_request: int
     source: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    device_fallback_reason: str
+    device_gate: DeviceGate
+    placement: _containers.RepeatedCompositeFieldContainer[NodePlacement]
+    cpu_compute_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NodePlacement(_message.Message):
+    __slots__ = ("provider", "nodes")
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    provider: str
+    nodes: int
+    def __init__(self, provider: _Optional[str] = ..., nodes: _Optional[int] = ...) -> None: ...
+
+class DeviceGate(_message.Message):
+    __slots__ = ("candidate_precision", "chosen_precision", "passed", "examples", "agreement", "fp32_accuracy", "candidate_accuracy", "max_abs_diff", "fp32_vs_export_max_abs_diff", "fp32_op_types", "min_agreement", "max_accuracy_drop", "detail")
+    CANDIDATE_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    FP32_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    FP32_VS_EXPORT_MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    FP32_OP_TYPES_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    candidate_precision: str
+    chosen_precision: str
+    passed: bool
+    examples: int
+    agreement: float
+    fp32_accuracy: float
+    candidate_accuracy: float
+    max_abs_diff: float
+    fp32_vs_export_max_abs_diff: float
+    fp32_op_types: _containers.RepeatedScalarFieldContainer[str]
+    min_agreement: float
+    max_accuracy_drop: float
+    detail: str
+    def __init__(self, candidate_precision: _Optional[str] = ..., chosen_precision: _Optional[str] = ..., passed: _Optional[bool] = ..., examples: _Optional[int] = ..., agreement: _Optional[float] = ..., fp32_accuracy: _Optional[float] = ..., candidate_accuracy: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., fp32_vs_export_max_abs_diff: _Optional[float] = ..., fp32_op_types: _Optional[_Iterable[str]] = ..., min_agreement: _Optional[float] = ..., max_accuracy_drop: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...

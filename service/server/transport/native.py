@@ -15,6 +15,7 @@ from protos.seqserve.v1 import seqserve_pb2 as pb
 from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from service.repo.manifest import Evaluation, ModelSource
 from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore, ModelView
+from service.server.device_gate import DeviceGateResult
 from service.server.errors import ServingError
 from service.server.transport.common import abort, deadline_of
 
@@ -99,7 +100,29 @@ def to_model_info(view: ModelView) -> pb.ModelInfo:
     )
     if manifest.evaluation is not None:
         info.evaluation.CopyFrom(to_evaluation(manifest.evaluation))
+    selection = served.loaded.session.selection
+    info.device_fallback_reason = selection.fallback_reason
+    info.placement.extend(pb.NodePlacement(provider=provider, nodes=count)
+                          for provider, count in sorted(selection.placement.nodes.items()))
+    info.cpu_compute_nodes.extend(selection.placement.cpu_compute_nodes)
+    if selection.gate is not None:
+        info.device_gate.CopyFrom(to_device_gate(selection.gate))
     return info
+
+
+def to_device_gate(gate: DeviceGateResult) -> pb.DeviceGate:
+    message = pb.DeviceGate(
+        candidate_precision=gate.candidate, chosen_precision=gate.chosen, passed=gate.passed,
+        fp32_op_types=gate.fp32_op_types, min_agreement=gate.thresholds.min_agreement,
+        max_accuracy_drop=gate.thresholds.max_accuracy_drop, detail=gate.detail)
+    if gate.comparison is not None:
+        c = gate.comparison
+        message.examples, message.agreement = c.examples, c.agreement
+        message.fp32_accuracy, message.candidate_accuracy = c.fp32_accuracy, c.candidate_accuracy
+        message.max_abs_diff = c.max_abs_diff
+    if gate.fp32_vs_export_max_abs_diff is not None:
+        message.fp32_vs_export_max_abs_diff = gate.fp32_vs_export_max_abs_diff
+    return message
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
