@@ -63,7 +63,7 @@ class ClassifyResult:
     precision: str
     device: str
     results: list[Classification]
-    timing: Timing
+    timing: Timing | None  # None: the protocol does not report it (the Open Inference Protocol)
     id: str = ""
 
 

@@ -144,17 +144,21 @@ def summarize(plan: CellPlan, run: LoadRun, *, server_cpu_s: float | None,
     texts = sum(len(o.result.results) for o in ok if o.result is not None)
     results = [o.result for o in ok if o.result is not None]
     token_counts = [r.token_count for result in results for r in result.results]
-    truncated = [r.truncated for result in results for r in result.results]
-    sizes = [result.timing.batch_size for result in results if result.timing.batch_size > 0]
+    truncated = [r.truncated for result in results if result.timing is not None
+                 for r in result.results]
+    # Server-side timings and token counts exist only where the protocol reports them.
+    timings = [result.timing for result in results if result.timing is not None]
+    token_counts = [count for count in token_counts if count > 0]
+    sizes = [timing.batch_size for timing in timings if timing.batch_size > 0]
 
     def median_ms(values_us: list[int]) -> float | None:
         return float(np.median(values_us)) / 1000.0 if values_us else None
 
     server = {
-        "queue_ms_p50": median_ms([r.timing.queue_us for r in results]),
-        "tokenize_ms_p50": median_ms([r.timing.tokenize_us for r in results]),
-        "inference_ms_p50": median_ms([r.timing.inference_us for r in results]),
-        "total_ms_p50": median_ms([r.timing.total_us for r in results]),
+        "queue_ms_p50": median_ms([t.queue_us for t in timings]),
+        "tokenize_ms_p50": median_ms([t.tokenize_us for t in timings]),
+        "inference_ms_p50": median_ms([t.inference_us for t in timings]),
+        "total_ms_p50": median_ms([t.total_us for t in timings]),
         # The batch a request's texts rode in, averaged over requests...
         "batch_size_mean": float(np.mean(sizes)) if sizes else None,
         # ...and over executed batches: a batch of b texts is reported by b one-text requests,

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from service import defaults
-from service.bench.child_server import ChildServer, parse_serve_args
+from service.bench.child_server import ChildServer, parse_serve_args, proc_cpu_seconds
 from service.bench.errors import BenchError
 from service.bench.inprocess import formed_batch, load_model, loaded_cell, measure, overhead_rows
 from service.bench.load import CellPlan, closed_loop, open_loop, summarize
+from service.bench.protocols import OipClient, open_client
 from service.bench.texts import TextBuilder, TextSet, load_pool
-from service.client import AsyncClient, Client, ClientError, ModelDescription
+from service.client import Client, ClientError, ModelDescription
 from service.repo.layout import model_names
 
 SCHEMA_VERSION = 1
@@ -49,6 +50,9 @@ class BenchConfig:
     seed: int = defaults.SEED
     progress: bool = False
     server_log_level: str = "WARNING"
+    protocol: str = "native"  # the load's protocol: seqserve.v1, or the Open Inference Protocol
+    server_pid: int | None = None  # with --server: the process whose CPU time is read
+    v2_input: str = "TEXT"  # the OIP input name of the texts
 
 
 def cell_plans(config: BenchConfig, models: list[str]) -> list[CellPlan]:
@@ -109,7 +113,9 @@ async def run_cells(target: str, plans: list[CellPlan], texts: dict[tuple[str, i
                     cpu_seconds: Callable[[], float | None], config: BenchConfig,
                     progress: Progress) -> list[dict[str, Any]]:
     records = []
-    async with AsyncClient(target, timeout=config.deadline_s) as client:
+    client = open_client(config.protocol, target, timeout=config.deadline_s,  # type: ignore[arg-type]
+                         v2_input=config.v2_input)
+    try:
         for number, plan in enumerate(plans):
             pool = texts[(plan.model, plan.length)].texts
             per = plan.texts_per_request
@@ -143,7 +149,10 @@ async def run_cells(target: str, plans: list[CellPlan], texts: dict[tuple[str, i
                                client_cpu_s=client_after - client_cpu)
             record["loadavg_before"] = list(load_before)
             record["loadavg_after"] = list(os.getloadavg())
+            record["protocol"] = config.protocol
             records.append(record)
+    finally:
+        await client.close()
     return records
 
 
@@ -161,8 +170,18 @@ def measure_cell(target: str, model: str, texts: list[str], *, concurrency: int,
     return cells[0]
 
 
-def _describe_models(target: str, wanted: list[str], deadline_s: float
-                     ) -> list[ModelDescription]:
+def _describe_models(target: str, wanted: list[str], deadline_s: float, *,
+                     native: bool = True) -> list[ModelDescription]:
+    """What ``target`` serves: from seqserve's ListModels, or (``native`` False: any Open
+    Inference Protocol server) from ModelMetadata of the named models."""
+    if not native:
+        if not wanted:
+            raise BenchError("--models is required with --protocol v2 against --server (the "
+                             "Open Inference Protocol has no model listing)", "usage")
+        try:
+            return asyncio.run(_describe_v2(target, wanted, deadline_s))
+        except ClientError as error:
+            raise BenchError(f"{target}: {error}", "server") from None
     try:
         with Client(target, timeout=deadline_s) as client:
             served = {m.name: m for m in client.list_models()}
@@ -173,6 +192,15 @@ def _describe_models(target: str, wanted: list[str], deadline_s: float
         raise BenchError(f"--models: {', '.join(missing)} not served by {target} (serves: "
                            f"{', '.join(served) or 'nothing'})", "usage")
     return [served[name] for name in (wanted or sorted(served))]
+
+
+async def _describe_v2(target: str, names: list[str], deadline_s: float
+                       ) -> list[ModelDescription]:
+    client = OipClient(target, timeout=deadline_s)
+    try:
+        return await client.describe(names)
+    finally:
+        await client.close()
 
 
 def check_models(config: BenchConfig) -> None:
@@ -242,11 +270,15 @@ def _run_mode(config: BenchConfig, mode: bool | None, settings: Any, builder: Te
     target = child.start() if child is not None else config.server
     assert target is not None
     try:
-        models = _describe_models(target, config.models, config.deadline_s)
+        # A server bench started is seqserve: its own API describes the models fully.
+        models = _describe_models(target, config.models, config.deadline_s,
+                                  native=child is not None or config.protocol == "native")
         texts = _texts(config, models, builder, warn)
         plans = cell_plans(config, [m.name for m in models])
         progress.add_total(sum(p.requests for p in plans))
-        cpu = child.cpu_seconds if child is not None else (lambda: None)
+        cpu = (child.cpu_seconds if child is not None
+               else (lambda: proc_cpu_seconds(config.server_pid)) if config.server_pid
+               else (lambda: None))
         cells = asyncio.run(run_cells(target, plans, texts, cpu, config, progress))
     finally:
         stopped = child.stop() if child is not None else None

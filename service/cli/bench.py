@@ -42,6 +42,15 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
                        help="start a server on this repository (its CPU time is then measured); "
                        "with --server, only where the model files are (for --in-process)")
     where.add_argument("--server", metavar="HOST:PORT", help="measure a running server instead")
+    where.add_argument("--server-pid", type=int, metavar="PID",
+                       help="with --server: the server's process, whose CPU time is then read "
+                       "from /proc (same machine only)")
+    where.add_argument("--protocol", choices=["native", "v2"], default="native",
+                       help="the load's protocol: seqserve.v1 (native) or the Open Inference "
+                       "Protocol (v2), which any KServe-v2 server speaks (default: %(default)s)")
+    where.add_argument("--v2-input", default="TEXT", metavar="NAME",
+                       help="--protocol v2: the input tensor the texts go in (default: "
+                       "%(default)s)")
     where.add_argument("--models", default="", metavar="NAME[,NAME]",
                        help="models to measure (default: every served model)")
     where.add_argument("--serve-args", default="", metavar="'FLAGS'",
@@ -128,6 +137,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.server is not None and args.spinning != "server":
         raise CommandError("--spinning needs a server started by bench (drop --server)",
                            ExitCode.USAGE)
+    if args.server_pid is not None and args.server is None:
+        raise CommandError("--server-pid needs --server (bench reads its own server's CPU)",
+                           ExitCode.USAGE)
     if args.in_process and args.repository is None:
         raise CommandError("--in-process needs --repository (the model files)", ExitCode.USAGE)
     for flag, value, low in (("--requests", args.requests, 1), ("--inprocess-runs",
@@ -156,7 +168,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         serve_args=serve_args, in_process=args.in_process, inprocess_runs=args.inprocess_runs,
         overhead_concurrency=args.overhead_concurrency, seed=args.seed,
         progress=not args.json and sys.stderr.isatty(),
-        server_log_level=args.server_log_level,
+        server_log_level=args.server_log_level, protocol=args.protocol,
+        server_pid=args.server_pid, v2_input=args.v2_input,
     )
 
 

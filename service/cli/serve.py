@@ -9,7 +9,6 @@ Exit codes: 0 ok (drained on SIGTERM/SIGINT), 1 the server could not start, 2 us
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from pydantic import ValidationError
 
@@ -38,10 +37,12 @@ def settings_from_args(args: argparse.Namespace) -> tuple[ServeSettings, set[str
 
 
 def handle_serve(args: argparse.Namespace) -> int:
+    from service.server import event_loop
     from service.server.app import StartupError, serve  # keeps other commands light to import
 
     settings, overridden = settings_from_args(args)
     try:
-        return asyncio.run(serve(settings, overridden=overridden))
-    except StartupError as error:
+        return int(event_loop.run(lambda: serve(settings, overridden=overridden),  # type: ignore[arg-type]
+                                  settings.event_loop))
+    except (StartupError, RuntimeError) as error:
         raise CommandError(str(error), ExitCode.FAILURE) from None

@@ -140,6 +140,7 @@ class SeqServer:
             await self._server.stop(STOP_GRACE_S if drained else 0)
         if self.core.shadow is not None:
             await self.core.shadow.close()
+        self.core.close()
         await self.registry.close()
         self.metrics.stop_http()
         log.info("stopped after %.2fs of draining (%s)", time.monotonic() - started,
@@ -154,8 +155,9 @@ async def serve(settings: ServeSettings, *, overridden: set[str] = frozenset()) 
     """Run until SIGTERM/SIGINT (drain, exit 0); SIGHUP rescans the repository."""
     for line in settings.describe(overridden):
         log.info("setting %s", line)
-    server = SeqServer(settings)
     loop = asyncio.get_running_loop()
+    log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
+    server = SeqServer(settings)
     stop = asyncio.Event()
 
     def on_stop(signum: int) -> None:

@@ -1,24 +1,25 @@
-"""Dynamic batching for one model version.
+"""Dynamic batching for one model version: one owner of the queue, told what to do by messages.
 
-Shape (after TEI's queue and MLServer's adaptive batcher, without their gaps):
+Shape (after TEI's ``queue.rs`` and MLServer's adaptive batcher, without their gaps):
 
-* ``submit`` only appends to an inbox and wakes the scheduler. One scheduler task owns the
-  pending texts: it alone decides batches and drops dead work, so there are no locks.
+* ``submit`` is the one call a request makes: admission at once (UNAVAILABLE while closing,
+  RESOURCE_EXHAUSTED beyond the queue bound), then its texts go to an inbox and a future comes
+  back that resolves to a ``BatchOutcome`` value. Nothing a request holds is written by anyone
+  else: the scheduler task alone owns the pending texts and the per-request bookkeeping.
 * A batch closes when it is full (``max_texts`` texts or ``max_tokens`` padded tokens, the cost
   model: longest row x rows) or when its oldest text has waited ``max_delay``, and at once when
-  the model is idle: only while a batch runs is there anything to gain by waiting. So a lone
-  request pays no batching delay, and under load batches grow with the arrival rate. All
-  timing uses the monotonic clock.
+  the model is idle: only while a batch runs is there anything to gain by waiting. All timing
+  uses the monotonic clock.
 * Texts are grouped by length: starting from the oldest text (so nothing starves), the nearest
   lengths join while the padding each adds stays under ``cost_tokens``, the price of running
   one more batch instead. The LSTM pays for every padded step.
-* Exactly one prepared batch waits while another runs: the scheduler takes a slot before it
-  closes a batch, and the executor gives the slot back when it starts running one. Texts that
-  arrive meanwhile make the next batch larger, which is what adapts batch size to load.
-* Inference runs in a worker thread (ORT releases the GIL); results are fanned back to each
-  request's future on the event loop. Cancelled requests and passed deadlines are dropped
-  before compute, at both stages.
-* The queue is bounded in texts; beyond it ``submit`` raises RESOURCE_EXHAUSTED at once.
+* Exactly one prepared batch waits while another runs, so the model thread never waits for the
+  event loop between batches; texts that arrive meanwhile make the next batch larger, which is
+  what adapts batch size to load.
+* Inference runs in one dedicated thread per model (ORT releases the GIL). The thread drops
+  rows whose caller has gone or whose deadline has passed before it computes, re-pads what is
+  left, and hands the result back with one ``call_soon_threadsafe``: a batch's futures are all
+  resolved in that one loop callback.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -45,25 +47,35 @@ log = logging.getLogger(__name__)
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> logits
 
 
-@dataclass(eq=False)
-class Job:
-    """One request's texts for one model; completed when every text has its probabilities."""
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What a request gets back: its probabilities, in its own text order, and its timings."""
 
-    future: asyncio.Future[None]
     probabilities: np.ndarray  # float32 [texts, labels]
+    queue_s: float  # from submit until the last batch holding one of its texts started
+    inference_s: float  # model time of the batches that held its texts, summed
+    batch_size: int  # texts in the largest of those batches (other callers' texts included)
+    batches: int  # how many batches its texts were split across
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One submitted request's bookkeeping; touched only on the event loop."""
+
+    future: asyncio.Future[BatchOutcome]
+    probabilities: np.ndarray
     remaining: int
-    deadline: float | None  # monotonic seconds
+    deadline: float | None
     enqueued_at: float
-    queue_seconds: float = 0.0
-    inference_seconds: float = 0.0
+    queue_s: float = 0.0
+    inference_s: float = 0.0
     batch_size: int = 0
     batches: int = 0
-    last_batch: int = -1
 
 
 @dataclass(eq=False, slots=True)
 class Item:
-    job: Job
+    request: _Request
     index: int  # position of the text in its request
     ids: list[int]
 
@@ -72,17 +84,26 @@ class Item:
         return len(self.ids)
 
 
-@dataclass
+@dataclass(eq=False)
 class Batch:
-    seq: int
     items: list[Item]
     input_ids: np.ndarray = field(repr=False)
     attention_mask: np.ndarray = field(repr=False)
-    real_tokens: int = 0
 
-    @property
-    def padded_tokens(self) -> int:
-        return int(self.input_ids.size)
+
+@dataclass(eq=False)
+class _Done:
+    """The model thread's report of one batch, delivered to the loop in one callback."""
+
+    batch: Batch
+    ran: list[Item]  # the items computed (the batch's, less those found dead)
+    dropped: list[Item]  # found dead by the thread just before computing
+    started: float
+    seconds: float
+    probabilities: np.ndarray | None
+    real_tokens: int
+    padded_tokens: int
+    error: Exception | None = None
 
 
 def select_batch(
@@ -111,6 +132,12 @@ def select_batch(
     return [pending[i] for i in sorted(taken)], [p for i, p in enumerate(pending) if i not in taken]
 
 
+def _alive(item: Item, now: float) -> bool:
+    # Read from the model thread too: done() is one attribute read, safe under the GIL.
+    request = item.request
+    return not request.future.done() and (request.deadline is None or now < request.deadline)
+
+
 class Batcher:
     def __init__(
         self,
@@ -134,227 +161,257 @@ class Batcher:
         self._max_delay, self._cost_tokens = max_delay_s, cost_tokens
         self._metrics = metrics
         self._pad_id = pad_id
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[Item] = deque()
-        self._arrived = asyncio.Event()
-        self._slot = asyncio.Semaphore(1)  # prepared-but-not-running batches: at most one
-        self._ready: asyncio.Queue[Batch] = asyncio.Queue()
+        self._waiter: asyncio.Future[bool] | None = None  # the scheduler, when it waits
+        self._pending: list[Item] = []  # owned by the scheduler
+        self._in_thread: list[Batch] = []  # handed to the model thread, not yet reported back
+        self._depth = 0  # texts submitted and not yet running (or dropped): the queue
+        self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        self._depth = 0  # texts submitted and not yet running (or dropped)
-        self._running = False
-        self._closing = False
-        self._seq = 0
-        self._pending: list[Item] = []  # owned by the scheduler task (kept here across restarts)
-        self._current: list[Item] = []  # the batch running now
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
-        self._tasks: list[asyncio.Task[None]] = []
+        self._work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._model_thread, name=f"ort-{name}",
+                                        daemon=True)
+        self._scheduler: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
+        """Texts waiting (submitted, not running yet): what the queue bound counts."""
         return self._depth
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._guard(self._schedule), name=f"batcher-{self.name}"),
-            asyncio.create_task(self._guard(self._execute), name=f"executor-{self.name}"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
+        self._scheduler = asyncio.create_task(self._schedule(), name=f"batcher-{self.name}")
 
-    def new_job(self, texts: int, deadline: float | None) -> Job:
-        future = asyncio.get_running_loop().create_future()
-        probabilities = np.zeros((texts, self.num_labels), dtype=np.float32)
-        return Job(future, probabilities, texts, deadline, time.monotonic())
+    def submit(self, token_ids: list[list[int]], deadline: float | None, *,
+               limit: int | None = None) -> asyncio.Future[BatchOutcome]:
+        """Queue every text of one request, or none: raises RESOURCE_EXHAUSTED or UNAVAILABLE.
 
-    def submit(self, job: Job, token_ids: list[list[int]], *, limit: int | None = None) -> None:
-        """Queue every text of ``job``, or none: raises RESOURCE_EXHAUSTED or UNAVAILABLE."""
+        ``limit`` lowers the queue bound for this request (mirrored traffic uses part of it).
+        """
+        self.check_room(len(token_ids), limit)
+        assert self._loop is not None, "not started"
+        now = time.monotonic()
+        request = _Request(self._loop.create_future(),
+                           np.zeros((len(token_ids), self.num_labels), dtype=np.float32),
+                           len(token_ids), deadline, now)
+        self._inbox.extend(Item(request, i, ids) for i, ids in enumerate(token_ids))
+        self._set_depth(self._depth + len(token_ids))
+        self._notify()
+        return request.future
+
+    def check_room(self, texts: int, limit: int | None = None) -> None:
+        """Raises UNAVAILABLE while closing, RESOURCE_EXHAUSTED when ``texts`` more would
+        overfill the queue (``limit``: a lower bound for this request)."""
         if self._closing:
             raise unavailable(f"model {self.name} is being unloaded; retry")
         limit = self.max_queue if limit is None else limit
-        if self._depth + len(token_ids) > limit:
+        if self._depth + texts > limit:
             raise ServingError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model {self.name}: queue full ({self._depth} texts waiting, limit {limit});"
                 " retry later",
                 "queue_full",
             )
-        job.enqueued_at = time.monotonic()
-        self._inbox.extend(Item(job, i, ids) for i, ids in enumerate(token_ids))
-        self._set_depth(self._depth + len(token_ids))
-        self._arrived.set()
 
     async def close(self, timeout: float) -> None:
         """Refuse new work, let queued work finish (up to ``timeout``), then stop."""
         self._closing = True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout)
-        # Collected before cancelling: the stages forget their items as they unwind.
-        leftovers = [*self._inbox, *self._pending, *self._current]
-        while not self._ready.empty():
-            leftovers += self._ready.get_nowait().items
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            await asyncio.gather(self._scheduler, return_exceptions=True)
+        self._work.put(None)  # the model thread ends after the batch it runs, if any
+        # What is left fails now (the grace is over); a batch still running in the thread
+        # finds its callers gone and its result is dropped.
         error = unavailable(f"model {self.name} was unloaded before this request finished")
+        leftovers = [*self._inbox, *self._pending,
+                     *(item for batch in self._in_thread for item in batch.items)]
         for item in leftovers:
-            if not item.job.future.done():
-                item.job.future.set_exception(error)
-        self._pool.shutdown(wait=False)
+            self._fail(item.request, error)
+        self._inbox.clear()
+        self._pending.clear()
 
-    # --- the two stages -----------------------------------------------------------------
+    # --- the scheduler: owns the pending texts ----------------------------------------------
 
     async def _schedule(self) -> None:
         while True:
-            if not self._pending:
-                await self._wait_for_arrivals(None)
-            self._take_inbox()
-            if not self._pending:
-                continue
-            flush_at = self._pending[0].job.enqueued_at + self._max_delay
-            # Waiting only pays while the model is busy: texts arriving during a run join the
-            # next batch anyway. An idle model starts at once, so a lone request pays no delay.
-            while self._busy() and not self._full(self._pending):
-                left = flush_at - time.monotonic()
-                if left <= 0 or not await self._wait_for_arrivals(left):
-                    break
-                self._take_inbox()
-            await self._slot.acquire()
             try:
-                self._take_inbox()  # what came while the previous batch was waiting
-                self._pending = self._drop_dead(self._pending)
-                if not self._pending:
-                    self._slot.release()
-                    continue
-                chosen, rest = select_batch(
-                    self._pending, self._max_texts, self._max_tokens, self._cost_tokens)
-                batch = self._prepare(chosen)
-            except BaseException:
-                # Give the slot back (and keep every text pending) so a restarted scheduler,
-                # or close(), is not left waiting on a slot nobody will release.
-                self._slot.release()
-                raise
-            self._pending = rest
-            self._ready.put_nowait(batch)
-
-    async def _execute(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = await self._ready.get()
-            self._slot.release()  # the scheduler may prepare the next batch while this runs
-            live = self._drop_dead(batch.items)
-            if not live:
-                self._update_idle()
-                continue
-            # Running before the depth drops, so the batcher never looks idle in between.
-            self._running, self._current = True, live
-            self._set_depth(self._depth - len(live))
-            if len(live) != len(batch.items):
-                batch = self._prepare(live)  # re-pad: a dropped text may have been the longest
-            started = time.monotonic()
-            for item in live:
-                item.job.queue_seconds = max(item.job.queue_seconds, started - item.job.enqueued_at)
-            try:
-                probabilities, seconds = await loop.run_in_executor(
-                    self._pool, self._compute, batch.input_ids, batch.attention_mask)
-                # Inside the try: a model whose output does not fit (wrong label count or rows)
-                # must fail these requests with INTERNAL, not leave them waiting forever.
-                self._fan_out(batch, probabilities, seconds)
-            except Exception as exc:
-                log.exception("model %s: inference failed on a batch of %d", self.name, len(live))
-                error = ServingError(grpc.StatusCode.INTERNAL,
-                                     f"model {self.name}: inference failed: {exc}", "internal")
-                for item in live:
-                    if not item.job.future.done():
-                        item.job.future.set_exception(error)
-            finally:
-                self._running, self._current = False, []
-                self._update_idle()
-                # A scheduler waiting out the batching delay for a busy model can start now.
-                self._arrived.set()
-
-    def _compute(self, input_ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
-        started = time.monotonic()
-        logits = self._runner(input_ids, mask)
-        seconds = time.monotonic() - started
-        expected = (input_ids.shape[0], self.num_labels)
-        if logits.shape != expected:
-            raise ValueError(f"model returned logits of shape {logits.shape}, expected {expected}")
-        return softmax(logits), seconds
-
-    def _fan_out(self, batch: Batch, probabilities: np.ndarray, seconds: float) -> None:
-        size = len(batch.items)
-        for row, item in enumerate(batch.items):
-            job = item.job
-            if job.future.done():
-                continue  # cancelled during compute; its result is simply not needed
-            job.probabilities[item.index] = probabilities[row]
-            if job.last_batch != batch.seq:
-                job.last_batch = batch.seq
-                job.batches += 1
-                job.inference_seconds += seconds
-                job.batch_size = max(job.batch_size, size)
-            job.remaining -= 1
-            if job.remaining == 0:
-                job.future.set_result(None)
-        if self._metrics is not None:
-            self._metrics.batch(size, batch.real_tokens, batch.padded_tokens, seconds)
-
-    # --- helpers ------------------------------------------------------------------------
-
-    async def _guard(self, stage: Callable[[], object]) -> None:
-        """Keep a stage alive: an unexpected error is logged, and the stage restarts."""
-        while True:
-            try:
-                await stage()  # type: ignore[misc]
+                await self._schedule_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("model %s: batching stage crashed; restarting it", self.name)
+            except Exception:  # a bug must not strand every request of the model
+                log.exception("model %s: batch scheduler failed; restarting it", self.name)
                 await asyncio.sleep(0.01)
 
-    async def _wait_for_arrivals(self, timeout: float | None) -> bool:
+    async def _schedule_once(self) -> None:
+        while True:
+            self._take_inbox()
+            if not self._pending or len(self._in_thread) >= 2:
+                # Nothing to do, or a batch runs with the next one prepared: wait to be told.
+                await self._wait(None)
+                continue
+            if self._in_thread and not self._full():
+                # The model is busy: the next batch may gather texts until its oldest text has
+                # waited max_delay, or a report wakes us (the model then has room).
+                flush_at = self._pending[0].request.enqueued_at + self._max_delay
+                left = flush_at - time.monotonic()
+                if left > 0 and await self._wait(left):
+                    continue
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        now = time.monotonic()
+        live = [item for item in self._pending if _alive(item, now)]
+        self._drop([item for item in self._pending if not _alive(item, now)], now, queued=True)
+        self._pending = live
+        if not live:
+            return
+        chosen, self._pending = select_batch(live, self._max_texts, self._max_tokens,
+                                             self._cost_tokens)
+        padded = pad_batch([item.ids for item in chosen], pad_id=self._pad_id)
+        batch = Batch(chosen, padded.input_ids, padded.attention_mask)
+        self._in_thread.append(batch)
+        self._idle.clear()
+        if len(self._in_thread) == 1:  # the thread is idle: this batch starts now
+            self._set_depth(self._depth - len(chosen))
+        self._work.put(batch)
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait for a message (an arrival or a report); False when ``timeout`` passed first.
+
+        A bare future and a timer handle, not ``wait_for`` on an event: this runs once per
+        arrival under load. No message is lost: the scheduler looks at its state before each
+        wait, and everything here runs on the one event loop thread."""
         if self._inbox:
             return True
-        self._arrived.clear()
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        timer = (self._loop.call_later(timeout, _resolve, waiter, False)
+                 if timeout is not None else None)
         try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def _notify(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter, True)
 
     def _take_inbox(self) -> None:
         while self._inbox:
             self._pending.append(self._inbox.popleft())
 
-    def _busy(self) -> bool:
-        return self._running or not self._ready.empty()
-
-    def _full(self, pending: list[Item]) -> bool:
-        if len(pending) >= self._max_texts:
+    def _full(self) -> bool:
+        if len(self._pending) >= self._max_texts:
             return True
-        return max(item.length for item in pending) * len(pending) >= self._max_tokens
+        return max(item.length for item in self._pending) * len(self._pending) >= \
+            self._max_tokens
 
-    def _drop_dead(self, items: list[Item]) -> list[Item]:
-        now = time.monotonic()
-        live = []
+    # --- the model thread -------------------------------------------------------------------
+
+    def _model_thread(self) -> None:
+        assert self._loop is not None
+        while (batch := self._work.get()) is not None:
+            done = self._run(batch)
+            try:
+                self._loop.call_soon_threadsafe(self._finish, done)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                return
+
+    def _run(self, batch: Batch) -> _Done:
+        started = time.monotonic()
+        ran = [item for item in batch.items if _alive(item, started)]
+        dropped = [item for item in batch.items if not _alive(item, started)]
+        if not ran:
+            return _Done(batch, ran, dropped, started, 0.0, None, 0, 0)
+        input_ids, mask = batch.input_ids, batch.attention_mask
+        if dropped:  # re-pad: a dropped text may have been the longest
+            padded = pad_batch([item.ids for item in ran], pad_id=self._pad_id)
+            input_ids, mask = padded.input_ids, padded.attention_mask
+        real, padded_tokens = int(mask.sum()), int(mask.size)
+        try:
+            logits = self._runner(input_ids, mask)
+            expected = (len(ran), self.num_labels)
+            if logits.shape != expected:
+                raise ValueError(f"model returned logits of shape {logits.shape}, expected "
+                                 f"{expected}")
+            probabilities = softmax(logits)
+        except Exception as exc:  # ORT errors: fail this batch's requests, keep serving
+            log.exception("model %s: inference failed on a batch of %d", self.name, len(ran))
+            return _Done(batch, ran, dropped, started, time.monotonic() - started, None, real,
+                         padded_tokens, exc)
+        return _Done(batch, ran, dropped, started, time.monotonic() - started, probabilities,
+                     real, padded_tokens)
+
+    # --- back on the loop: one callback per batch -------------------------------------------
+
+    def _finish(self, done: _Done) -> None:
+        self._in_thread.remove(done.batch)
+        if self._in_thread:  # the prepared batch: the thread has started it
+            self._set_depth(self._depth - len(self._in_thread[0].items))
+        self._drop(done.dropped, done.started, queued=False)
+        if done.error is not None:
+            error = ServingError(grpc.StatusCode.INTERNAL,
+                                 f"model {self.name}: inference failed: {done.error}", "internal")
+            for item in done.ran:
+                self._fail(item.request, error)
+        elif done.probabilities is not None:
+            self._fan_out(done)
+        self._update_idle()
+        self._notify()  # the model has room: a waiting batch can be prepared now
+
+    def _fan_out(self, done: _Done) -> None:
+        size = len(done.ran)
+        seen: set[int] = set()
+        assert done.probabilities is not None
+        for row, item in enumerate(done.ran):
+            request = item.request
+            if request.future.done():
+                continue  # cancelled during compute; its result is simply not needed
+            request.probabilities[item.index] = done.probabilities[row]
+            if id(request) not in seen:
+                seen.add(id(request))
+                request.batches += 1
+                request.inference_s += done.seconds
+                request.batch_size = max(request.batch_size, size)
+                request.queue_s = max(request.queue_s, done.started - request.enqueued_at)
+            request.remaining -= 1
+            if request.remaining == 0:
+                request.future.set_result(BatchOutcome(
+                    request.probabilities, request.queue_s, request.inference_s,
+                    request.batch_size, request.batches))
+        if self._metrics is not None:
+            self._metrics.batch(size, done.real_tokens, done.padded_tokens, done.seconds)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _drop(self, items: list[Item], now: float, *, queued: bool) -> None:
+        """Texts of callers gone or past their deadline: never computed; ``queued`` ones are
+        counted out of the queue (a running batch's were already)."""
+        if not items:
+            return
         for item in items:
-            job = item.job
-            if not job.future.done() and job.deadline is not None and now >= job.deadline:
-                waited_ms = (now - job.enqueued_at) * 1000
-                job.future.set_exception(ServingError(
+            request = item.request
+            if not request.future.done():  # so: its deadline passed
+                waited_ms = (now - request.enqueued_at) * 1000
+                request.future.set_exception(ServingError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"deadline passed after {waited_ms:.1f} ms in the queue of model {self.name}",
-                    "deadline_exceeded"))
-            if job.future.done():
-                continue  # cancelled, expired, or failed through a sibling text
-            live.append(item)
-        if len(live) != len(items):
-            self._set_depth(self._depth - (len(items) - len(live)))
-        return live
+                    f"deadline passed after {waited_ms:.1f} ms in the queue of model "
+                    f"{self.name}", "deadline_exceeded"))
+        if queued:
+            self._set_depth(self._depth - len(items))
 
-    def _prepare(self, items: list[Item]) -> Batch:
-        self._seq += 1
-        padded = pad_batch([item.ids for item in items], pad_id=self._pad_id)
-        return Batch(self._seq, items, padded.input_ids, padded.attention_mask,
-                     int(padded.lengths.sum()))
+    @staticmethod
+    def _fail(request: _Request, error: ServingError) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
@@ -366,5 +423,10 @@ class Batcher:
             self._metrics.queue_depth(depth)
 
     def _update_idle(self) -> None:
-        if self._depth == 0 and not self._running:
+        if self._depth == 0 and not self._in_thread:
             self._idle.set()
+
+
+def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(value)

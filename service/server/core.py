@@ -6,8 +6,10 @@ about requests lives here, once. Validation and tokenization happen in the reque
 before anything is queued: token counts are then known to the batcher, and a bad request fails
 alone.
 
-Tokenization runs inline on the event loop on purpose: resolving the model, tokenizing and
-queueing with no ``await`` in between means a hot swap can never land between them.
+Admission comes before any work: a request the model's queue cannot take is refused before it
+is tokenized. Small requests are tokenized inline on the event loop (resolving the model,
+tokenizing and queueing with no ``await`` in between, so a hot swap never lands between them);
+large ones in a worker thread, so that no request can stall the others.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -29,6 +32,11 @@ from service.server.settings import ServeSettings
 from service.server.shadow import SHADOW_QUEUE_SHARE, ShadowMirror
 
 log = logging.getLogger(__name__)
+
+# Requests with more characters than this are tokenized in a worker thread (~16 KiB tokenizes
+# in about 2 ms: longer would hold up every other call on the event loop).
+OFF_LOOP_TOKENIZE_CHARS = 16_384
+TOKENIZE_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,13 @@ class InferenceCore:
         self.registry = registry
         self.lifecycle = lifecycle
         self._unresolved = metrics.model(UNRESOLVED)
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=TOKENIZE_WORKERS,
+                                                 thread_name_prefix="tokenize")
         self.shadow = (ShadowMirror(settings.shadow, metrics, settings.shadow_max_pending,
                                     self._classify_mirrored) if settings.shadow else None)
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # --- control plane ------------------------------------------------------------------
 
@@ -160,34 +173,54 @@ class InferenceCore:
         self, served: ServedModel, call: ClassifyCall, started: float
     ) -> ClassifyOutcome:
         self._validate(served, call)
-        tokenizer = served.loaded.tokenizer
+        # Mirrored texts may fill only part of the queue, so a shadow never pushes the shadow
+        # model's own callers into RESOURCE_EXHAUSTED.
+        limit = (int(served.batcher.max_queue * SHADOW_QUEUE_SHARE) if call.mirrored
+                 else None)
+        # Refused before any work: a request that cannot be queued is not tokenized first.
+        served.batcher.check_room(len(call.texts), limit)
+        texts = list(call.texts)
         tokenize_started = time.monotonic()
-        ids, truncated = tokenizer.token_ids(list(call.texts))
+        served, ids, truncated = await self._tokenize(served, texts)
         tokenize_s = time.monotonic() - tokenize_started
         if self.settings.truncation == "reject" and any(truncated):
             index = truncated.index(True)
             raise ServingError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{call.field}[{index}]: longer than the {tokenizer.max_length} tokens model "
-                f"{served.name} accepts (the server runs with --truncation reject)",
+                f"{call.field}[{index}]: longer than the {served.loaded.tokenizer.max_length} "
+                f"tokens model {served.name} accepts (the server runs with --truncation "
+                "reject)",
                 "too_long",
             )
-        batcher = served.batcher
-        job = batcher.new_job(len(ids), call.deadline)
-        # Mirrored texts may fill only part of the queue, so a shadow never pushes the shadow
-        # model's own callers into RESOURCE_EXHAUSTED.
-        limit = int(batcher.max_queue * SHADOW_QUEUE_SHARE) if call.mirrored else None
-        batcher.submit(job, ids, limit=limit)
+        pending = served.batcher.submit(ids, call.deadline, limit=limit)
         served.metrics.tokenized(tokenize_s)
-        await job.future
-        served.metrics.queued(job.queue_seconds)
-        results = _results(served.labels, job.probabilities, ids, truncated, call.top_k)
+        batched = await pending
+        served.metrics.queued(batched.queue_s)
+        results = _results(served.labels, batched.probabilities, ids, truncated, call.top_k)
         timing = Timing(
-            queue_s=job.queue_seconds, tokenize_s=tokenize_s,
-            inference_s=job.inference_seconds, total_s=time.monotonic() - started,
-            batch_size=job.batch_size, batches=job.batches,
+            queue_s=batched.queue_s, tokenize_s=tokenize_s, inference_s=batched.inference_s,
+            total_s=time.monotonic() - started, batch_size=batched.batch_size,
+            batches=batched.batches,
         )
         return ClassifyOutcome(served, results, timing)
+
+    async def _tokenize(self, served: ServedModel, texts: list[str]
+                        ) -> tuple[ServedModel, list[list[int]], list[bool]]:
+        """Token ids with the served version's tokenizer. A small request is tokenized right
+        here, so resolving, tokenizing and queueing happen with no await between them and a
+        hot swap cannot land in the middle. A large one goes to a worker thread, so it cannot
+        stall the calls (and health checks) behind it; if a swap landed meanwhile, it is
+        tokenized again for the version now served."""
+        if sum(len(text) for text in texts) < OFF_LOOP_TOKENIZE_CHARS:
+            return served, *served.loaded.tokenizer.token_ids(texts)
+        loop = asyncio.get_running_loop()
+        while True:
+            ids, truncated = await loop.run_in_executor(
+                self._tokenize_pool, served.loaded.tokenizer.token_ids, texts)
+            current = self.registry.get(served.name)
+            if current is None or current is served:
+                return served, ids, truncated
+            served = current
 
     def _validate(self, served: ServedModel, call: ClassifyCall) -> None:
         field, count, limit = call.field, len(call.texts), self.settings.max_texts_per_request
@@ -227,13 +260,17 @@ def _results(
     labels: list[str], probabilities: np.ndarray, ids: list[list[int]], truncated: list[bool],
     top_k: int,
 ) -> list[TextResult]:
-    best = probabilities.argmax(axis=1)
-    # Stable sort on the negated scores: ties keep label order, so results are deterministic.
-    ranking = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    best = probabilities.argmax(axis=1).tolist()
+    scores = probabilities.max(axis=1).tolist()
+    ranking: list[list[int]] = [[] for _ in ids]
+    if top_k:
+        # Stable sort on the negated scores: ties keep label order, so results are
+        # deterministic.
+        ranking = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k].tolist()
     return [
         TextResult(
             label=labels[best[row]],
-            score=float(probabilities[row, best[row]]),
+            score=scores[row],
             top=[(labels[i], float(probabilities[row, i])) for i in ranking[row]],
             token_count=len(ids[row]),
             truncated=truncated[row],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass
 from threading import Thread
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -193,6 +194,8 @@ class ModelMetrics:
         self._tokens = metrics.tokens.labels(*values)
         self._depth = metrics.queue_depth.labels(*values)
         self.inflight = metrics.inflight.labels(*values)
+        self._requests_by_code: dict[grpc.StatusCode, Any] = {}
+        self._rejections_by_reason: dict[str, Any] = {}
 
     def loaded(self, seconds: float) -> None:
         values = self.labels.values()
@@ -221,11 +224,21 @@ class ModelMetrics:
         self._m.model_ready.labels(*self.labels.values()).set(1 if ready else 0)
 
     def request_done(self, code: grpc.StatusCode, seconds: float) -> None:
-        self._m.requests.labels(*self.labels.values(), code.name).inc()
+        # Children are looked up once per code: labels() hashes and locks on every call, and
+        # this runs once per request.
+        counter = self._requests_by_code.get(code)
+        if counter is None:
+            counter = self._requests_by_code[code] = self._m.requests.labels(
+                *self.labels.values(), code.name)
+        counter.inc()
         self._request_duration.observe(seconds)
 
     def reject(self, reason: str, count: int = 1) -> None:
-        self._m.rejections.labels(*self.labels.values(), reason).inc(count)
+        counter = self._rejections_by_reason.get(reason)
+        if counter is None:
+            counter = self._rejections_by_reason[reason] = self._m.rejections.labels(
+                *self.labels.values(), reason)
+        counter.inc(count)
 
     def tokenized(self, seconds: float) -> None:
         self._tokenize.observe(seconds)

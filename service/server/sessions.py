@@ -14,6 +14,7 @@ one path, on every device.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from service.repo.graph import (
 )
 from service.repo.graph import session_options as graph_session_options
 from service.repo.tokenization import pad_batch
+from service.server import cpu_memory
 from service.server.device_gate import DeviceGateResult
 from service.server.placement import Placement, enable_recording
 from service.server.settings import ServeSettings
@@ -74,13 +76,21 @@ def ort_session_factory(
 
 
 def session_options(settings: ServeSettings, *, cuda: bool = False) -> ort.SessionOptions:
-    """The server's session options; 0 intra-op threads is ORT's default on CPU, 1 on CUDA."""
-    intra = settings.intra_op_threads or (CUDA_INTRA_OP_THREADS if cuda else 0)
+    """The server's session options; 0 intra-op threads: ``cpu_threads()`` on CPU, 1 on CUDA."""
+    intra = settings.intra_op_threads or (CUDA_INTRA_OP_THREADS if cuda else cpu_threads())
     options = graph_session_options(
         intra_op_threads=intra, inter_op_threads=settings.inter_op_threads,
         optimization=settings.graph_optimization, allow_spinning=settings.allow_spinning)
+    cpu_memory.apply(options, settings.cpu_arena)
     enable_recording(options)
     return options
+
+
+def cpu_threads() -> int:
+    """Intra-op threads for CPU sessions: one per core this process may use, but one, which is
+    left to the event loop (gRPC, batching, tokenizing): on 2 cores that one thread gave the
+    lowest one-caller latency and CPU per text (README "Serving overhead")."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def cuda_provider_options(settings: ServeSettings) -> dict[str, str]:

@@ -144,8 +144,40 @@ def test_against_a_running_server_cpu_is_unknown(tiny_repository: Path, tmp_path
     assert any("sized in words" in w for w in document["warnings"])
 
 
+def test_the_open_inference_protocol_and_a_server_pid(tiny_repository: Path,
+                                                     tmp_path: Path) -> None:
+    """The same cells through the v2 protocol (what Triton, MLServer and KServe runtimes
+    speak), against a server bench did not start, with its CPU read from --server-pid."""
+    from harness.processes import serve_process
+
+    process, target = serve_process(tiny_repository, "--metrics-port", "0")
+    try:
+        outs = {}
+        for protocol in ("native", "v2"):
+            out = tmp_path / protocol
+            argv = ["bench", "--server", target, "--server-pid", str(process.pid),
+                    "--protocol", protocol, "--models", LSTM_NAME, "--texts", SYNTHETIC,
+                    "--lengths", "8", "--concurrency", "2", "--requests", "40", "--warmup", "2",
+                    "--out", str(out), "--json"]
+            assert run_cli(argv) == 0
+            outs[protocol] = json.loads((out / "bench.json").read_text())
+    finally:
+        process.terminate()
+        process.wait(30)
+    native, v2 = (outs[p]["cells"][0] for p in ("native", "v2"))
+    assert native["protocol"] == "native" and v2["protocol"] == "v2"
+    for cell in (native, v2):
+        assert cell["ok"] == 40 and cell["errors"] == {}
+        assert cell["server_cpu_s"] is not None and cell["server_cpu_s"] >= 0
+    # Only the native API reports server timings and token counts; v2 says "unknown".
+    assert native["server"]["total_ms_p50"] > 0 and native["tokens_mean"] > 0
+    assert v2["server"]["total_ms_p50"] is None and v2["tokens_mean"] is None
+    assert outs["v2"]["models"][0]["name"] == LSTM_NAME  # described through ModelMetadata
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     ([], "give --repository DIR"),
+    (["--server-pid", "1", "--repository", "."], "--server-pid needs --server"),
     (["--server", "nonsense"], "--server 'nonsense': expected HOST:PORT"),
     (["--repository", "/nonexistent/repo"], "--repository /nonexistent/repo: not a directory"),
     (["--server", "127.0.0.1:1", "--spinning", "both"], "--spinning needs a server started"),

@@ -17,6 +17,7 @@ from harness.tiny_models import LSTM_NAME, TRANSFORMER_NAME
 from service.bench.child_server import ChildServer
 from service.bench.errors import BenchError
 from service.cli.main import main
+from service.client import Client
 
 
 def classify(server: RunningServer, *argv: str) -> list[str]:
@@ -107,3 +108,19 @@ def test_a_server_that_never_gets_ready_times_out_its_launcher(tmp_path: Path) -
         server.start()
     assert caught.value.kind == "startup"
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(("choice", "loop"), [("uvloop", "uvloop.Loop"),
+                                              ("asyncio", "asyncio.unix_events")])
+def test_the_event_loop_is_a_setting(tiny_repository: Path, choice: str, loop: str) -> None:
+    from harness.processes import serve_process
+
+    process, target = serve_process(tiny_repository, "--metrics-port", "0", "--event-loop",
+                                    choice)
+    try:
+        with Client(target, timeout=10) as client:
+            assert client.classify(["good film"], model=LSTM_NAME).results
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+    assert f"event loop: {loop}" in process.stderr.read()

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from harness.synthetic import tiny_encoder
 
 from export.onnx_export import (
     OnnxExportError,
@@ -29,6 +30,7 @@ TINY: dict[str, dict[str, Any]] = {
     "lstm": {"embed_dim": 16, "hidden_dim": 12},
     "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 2, "ff_dim": 32},
     "bow": {"embed_dim": 16},
+    "pretrained": tiny_encoder(VOCAB),
 }
 
 

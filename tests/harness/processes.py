@@ -1,6 +1,6 @@
 """``seqserve serve`` as a real process (real signals, real CLI), optionally with slow inference.
 
-The slow variant wraps the batcher's compute step in a delay before handing over to the real
+The slow variant wraps the batcher's model-thread step in a delay before handing over to the real
 command line, so calls are reliably in flight when a test sends a signal; warm-up is not slowed.
 """
 
@@ -19,11 +19,11 @@ _SLOW_SERVE = """
 import sys, time
 from service.server.batching import Batcher
 delay = float(sys.argv[1])
-compute = Batcher._compute
-def slow_compute(self, input_ids, attention_mask):
+run = Batcher._run
+def slow_run(self, batch):
     time.sleep(delay)
-    return compute(self, input_ids, attention_mask)
-Batcher._compute = slow_compute
+    return run(self, batch)
+Batcher._run = slow_run
 from service.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """

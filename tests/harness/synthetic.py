@@ -50,6 +50,15 @@ TINY_MODEL_PARAMS = {
 }
 
 
+def tiny_encoder(vocab_size: int) -> dict:
+    """The model config of a tiny randomly initialised BERT for ``-a pretrained`` (no base
+    directory: what a run directory records, rebuilt with ``from_config``)."""
+    return {"base": "tiny-bert", "encoder": {
+        "model_type": "bert", "vocab_size": vocab_size, "hidden_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+        "max_position_embeddings": 128, "pad_token_id": 0}}
+
+
 def tiny_param_flags(architecture: str) -> list[str]:
     flags = []
     for key, value in TINY_MODEL_PARAMS[architecture].items():

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness.synthetic import tiny_encoder
 
 from models import ARCHITECTURES, CONFIGS, LSTMClassifier, create_model, default_config
 from models.lstm import reverse_within_lengths
@@ -18,6 +19,7 @@ TINY: dict[str, dict[str, Any]] = {
     "lstm": {"embed_dim": 16, "hidden_dim": 12},
     "transformer": {"d_model": 16, "num_heads": 2, "num_layers": 2, "ff_dim": 32},
     "bow": {"embed_dim": 16},
+    "pretrained": tiny_encoder(VOCAB),
 }
 
 
@@ -47,10 +49,11 @@ def restore_lstm_packing() -> Iterator[None]:
         LSTMClassifier.pack_sequences = default
 
 
-def test_registry_covers_the_three_architectures() -> None:
-    assert set(ARCHITECTURES) == set(CONFIGS) == {"lstm", "transformer", "bow"}
+def test_registry_covers_the_four_architectures() -> None:
+    assert set(ARCHITECTURES) == set(CONFIGS) == {"lstm", "transformer", "bow", "pretrained"}
     for architecture in ARCHITECTURES:
         config = default_config(architecture, vocab_size=VOCAB, num_labels=LABELS)
+        config = type(config)(**{**asdict(config), **TINY[architecture]})
         assert (config.vocab_size, config.num_labels, config.pad_id) == (VOCAB, LABELS, 0)
         assert isinstance(create_model(architecture, asdict(config)), ARCHITECTURES[architecture])
 
@@ -137,9 +140,9 @@ def test_transformer_embeddings_start_small() -> None:
 
 
 def test_unknown_architecture_names_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match="bow, lstm, transformer"):
+    with pytest.raises(ValueError, match="bow, lstm, pretrained, transformer"):
         create_model("gru", {"vocab_size": VOCAB, "num_labels": LABELS})
-    with pytest.raises(ValueError, match="valid: bow, lstm, transformer"):
+    with pytest.raises(ValueError, match="valid: bow, lstm, pretrained, transformer"):
         default_config("gru", vocab_size=VOCAB, num_labels=LABELS)
 
 

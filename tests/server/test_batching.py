@@ -10,13 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
-from service.server.batching import Batcher, Item, Job, select_batch
+from service.server.batching import Batcher, BatchOutcome, Item, select_batch
 from service.server.errors import ServingError
 
 
 def _items(lengths: list[int]) -> list[Item]:
-    job = Job(None, np.zeros((len(lengths), 2)), len(lengths), None, 0.0)  # type: ignore[arg-type]
-    return [Item(job, i, [1] * n) for i, n in enumerate(lengths)]
+    return [Item(None, i, [1] * n) for i, n in enumerate(lengths)]  # type: ignore[arg-type]
 
 
 def test_texts_are_grouped_by_length_from_the_oldest() -> None:
@@ -93,39 +92,44 @@ def _expected(ids: list[int]) -> np.ndarray:
 def test_requests_share_batches_and_get_their_own_rows() -> None:
     model = CountingModel()
 
-    async def scenario() -> list[Job]:
+    async def scenario() -> list[BatchOutcome]:
         batcher = _batcher(model)
         batcher.start()
-        jobs = []
-        for i in range(6):
-            job = batcher.new_job(2, deadline=None)
-            batcher.submit(job, [[i + 1] * (i + 1), [20 + i] * 3])
-            jobs.append(job)
-        await asyncio.gather(*(j.future for j in jobs))
+        pending = [batcher.submit([[i + 1] * (i + 1), [20 + i] * 3], None) for i in range(6)]
+        outcomes = await asyncio.gather(*pending)
         await batcher.close(1.0)
-        return jobs
+        return outcomes
 
-    jobs = asyncio.run(scenario())
+    outcomes = asyncio.run(scenario())
     assert max(model.batches) > 1 and sum(model.batches) == 12
-    for i, job in enumerate(jobs):
-        assert np.allclose(job.probabilities[0], _expected([i + 1] * (i + 1)), atol=1e-6)
-        assert np.allclose(job.probabilities[1], _expected([20 + i] * 3), atol=1e-6)
+    for i, outcome in enumerate(outcomes):
+        assert np.allclose(outcome.probabilities[0], _expected([i + 1] * (i + 1)), atol=1e-6)
+        assert np.allclose(outcome.probabilities[1], _expected([20 + i] * 3), atol=1e-6)
         # Row sums identify the texts ((i+1)^2 and 3 * (20+i) never collide), so the batches
-        # that held this job's texts are known, and its timing must report exactly them.
+        # that held this request's texts are known, and its outcome must report exactly them.
         mine = [rows for rows in model.batch_rows if {(i + 1) ** 2, 3 * (20 + i)} & set(rows)]
-        assert job.batches == len(mine)
-        assert job.batch_size == max(len(rows) for rows in mine)
+        assert outcome.batches == len(mine)
+        assert outcome.batch_size == max(len(rows) for rows in mine)
+        assert outcome.inference_s > 0 and outcome.queue_s >= 0
 
 
-def test_full_queue_refuses_the_whole_request() -> None:
+def test_a_full_queue_refuses_the_whole_request_and_running_texts_do_not_count() -> None:
+    model = CountingModel(hold=True)
+
     async def scenario() -> None:
-        batcher = _batcher(CountingModel(), max_queue=3)  # not started: nothing drains
-        batcher.submit(batcher.new_job(2, None), [[1], [2]])
-        with pytest.raises(ServingError) as caught:
-            batcher.submit(batcher.new_job(2, None), [[1], [2]])
-        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert caught.value.reason == "queue_full" and batcher.depth == 2
+        batcher = _batcher(model, max_queue=3, max_texts=2)
         batcher.start()
+        running_request = batcher.submit([[1], [2]], None)  # runs at once: not queued
+        await running(model)
+        queued = batcher.submit([[1], [2], [3]], None)  # 3 waiting: the queue is full
+        assert batcher.depth == 3
+        with pytest.raises(ServingError) as caught:
+            batcher.submit([[4]], None)
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.reason == "queue_full" and batcher.depth == 3
+        model.release.set()
+        await asyncio.gather(running_request, queued)
+        assert batcher.depth == 0
         await batcher.close(1.0)
 
     asyncio.run(scenario())
@@ -137,18 +141,15 @@ def test_expired_and_cancelled_work_never_reaches_the_model() -> None:
     async def scenario() -> None:
         batcher = _batcher(model, max_delay_s=0.0)
         batcher.start()
-        first = batcher.new_job(1, None)
-        batcher.submit(first, [[1]])
+        first = batcher.submit([[1]], None)
         await running(model)  # the first batch occupies the model
-        expired = batcher.new_job(1, deadline=time.monotonic() - 0.001)  # already passed
-        batcher.submit(expired, [[7]])
-        cancelled = batcher.new_job(1, None)
-        batcher.submit(cancelled, [[9]])
-        cancelled.future.cancel()
+        expired = batcher.submit([[7]], deadline=time.monotonic() - 0.001)  # already passed
+        cancelled = batcher.submit([[9]], None)
+        cancelled.cancel()
         model.release.set()
-        await first.future
+        await first
         with pytest.raises(ServingError) as caught:
-            await expired.future
+            await expired
         assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
         await batcher.close(1.0)
         assert batcher.depth == 0
@@ -157,19 +158,45 @@ def test_expired_and_cancelled_work_never_reaches_the_model() -> None:
     assert model.rows_seen == [1]
 
 
+def test_a_caller_that_leaves_while_its_batch_waits_is_dropped_by_the_model_thread() -> None:
+    """The prepared batch waits while another runs; a caller gone by then is not computed,
+    and the others in that batch still get their answers."""
+    model = CountingModel(hold=True)
+
+    async def scenario() -> None:
+        batcher = _batcher(model, max_delay_s=0.0, cost_tokens=0)
+        batcher.start()
+        first = batcher.submit([[1]], None)
+        await running(model)
+        leaving = batcher.submit([[5]], None)  # prepared behind the running batch
+        staying = batcher.submit([[6]], None)
+        for _ in range(100):  # let the scheduler prepare that batch (white box: it is queued)
+            if len(batcher._in_thread) == 2:
+                break
+            await asyncio.sleep(0)
+        assert len(batcher._in_thread) == 2
+        leaving.cancel()
+        model.release.set()
+        await first
+        outcome = await staying
+        assert np.allclose(outcome.probabilities[0], _expected([6]), atol=1e-6)
+        await batcher.close(1.0)
+
+    asyncio.run(scenario())
+    assert 5 not in model.rows_seen and 6 in model.rows_seen
+
+
 def test_close_finishes_queued_work_then_refuses() -> None:
     model = CountingModel(delay=0.05)
 
     async def scenario() -> None:
         batcher = _batcher(model, max_texts=1)
         batcher.start()
-        jobs = [batcher.new_job(1, None) for _ in range(3)]
-        for i, job in enumerate(jobs):
-            batcher.submit(job, [[i + 1]])
+        pending = [batcher.submit([[i + 1]], None) for i in range(3)]
         await batcher.close(5.0)
-        assert all(j.future.done() and j.future.exception() is None for j in jobs)
+        assert all(p.done() and p.exception() is None for p in pending)
         with pytest.raises(ServingError) as caught:
-            batcher.submit(batcher.new_job(1, None), [[1]])
+            batcher.submit([[1]], None)
         assert caught.value.code is grpc.StatusCode.UNAVAILABLE
 
     asyncio.run(scenario())
@@ -182,16 +209,12 @@ def test_close_after_its_timeout_fails_what_is_left_instead_of_hanging() -> None
     async def scenario() -> None:
         batcher = _batcher(model, max_texts=1)
         batcher.start()
-        jobs = [batcher.new_job(1, None) for _ in range(3)]
-        for job in jobs:
-            batcher.submit(job, [[1]])
+        pending = [batcher.submit([[1]], None) for _ in range(3)]
         await running(model)  # held: nothing can finish before close() gives up
         await batcher.close(0.1)
         model.release.set()
-        assert all(j.future.done() for j in jobs)
-        codes = {j.future.exception().code for j in jobs if j.future.exception()}
-        assert codes == {grpc.StatusCode.UNAVAILABLE}
-        assert len([j for j in jobs if j.future.exception()]) == 3
+        assert all(p.done() for p in pending)
+        assert {p.exception().code for p in pending} == {grpc.StatusCode.UNAVAILABLE}
 
     asyncio.run(scenario())
 
@@ -204,11 +227,13 @@ def test_a_model_output_of_the_wrong_shape_fails_its_requests_with_internal() ->
         batcher = Batcher("test", three_labels, 2, max_texts=8, max_tokens=1000,
                           max_delay_s=0.01, cost_tokens=64, max_queue=64)
         batcher.start()
-        job = batcher.new_job(1, deadline=None)
-        batcher.submit(job, [[1, 2, 3]])
+        pending = batcher.submit([[1, 2, 3]], deadline=None)
         with pytest.raises(ServingError) as caught:
-            await asyncio.wait_for(job.future, 5)  # must not hang
+            await asyncio.wait_for(pending, 5)  # must not hang
         assert batcher.depth == 0
+        after = batcher.submit([[1]], deadline=None)  # and the model keeps serving
+        with pytest.raises(ServingError):
+            await asyncio.wait_for(after, 5)
         await batcher.close(1.0)
         return caught.value
 
@@ -222,14 +247,12 @@ def test_work_queued_behind_a_busy_model_starts_when_it_frees_not_after_the_dela
     async def scenario() -> float:
         batcher = _batcher(model, max_delay_s=2.0)
         batcher.start()
-        first = batcher.new_job(1, deadline=None)
-        batcher.submit(first, [[1]])
+        first = batcher.submit([[1]], deadline=None)
         await running(model)  # the first batch is running
-        second = batcher.new_job(1, deadline=None)
         started = time.monotonic()
-        batcher.submit(second, [[2]])
+        second = batcher.submit([[2]], deadline=None)
         model.release.set()
-        await asyncio.gather(first.future, second.future)
+        await asyncio.gather(first, second)
         elapsed = time.monotonic() - started
         await batcher.close(1.0)
         return elapsed

@@ -8,6 +8,7 @@ failure paths in detail are in ``test_device_selection.py``.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +192,32 @@ def test_session_options_follow_the_settings(tiny_repository: Path) -> None:
     assert options.get_session_config_entry("session.record_ep_graph_assignment_info") == "1"
 
 
+def test_cpu_arena_modes(tiny_repository: Path) -> None:
+    shared = session_options(server_settings(tiny_repository))  # the default
+    assert shared.get_session_config_entry("session.use_env_allocators") == "1"
+    assert shared.enable_cpu_mem_arena
+    own = session_options(server_settings(tiny_repository, cpu_arena="session"))
+    assert own.enable_cpu_mem_arena
+    with pytest.raises(RuntimeError, match="use_env_allocators"):  # never set
+        own.get_session_config_entry("session.use_env_allocators")
+    assert not session_options(server_settings(tiny_repository,
+                                               cpu_arena="off")).enable_cpu_mem_arena
+    # Sessions on the shared arena load and run.
+    loaded = load_version(latest_version(tiny_repository, LSTM_NAME),
+                          server_settings(tiny_repository), SessionBuilder(server_settings(
+                              tiny_repository)))
+    assert loaded.session.run(np.ones((2, 5), np.int64), np.ones((2, 5), np.int64)).shape == (
+        2, 2)
+
+
 def test_cuda_sessions_get_one_thread_no_tf32_and_the_arena_settings(
         tiny_repository: Path) -> None:
     settings = server_settings(tiny_repository, intra_op_threads=0, cuda_device_id=1,
                                cuda_mem_limit_bytes=2 << 30)
     assert session_options(settings, cuda=True).intra_op_num_threads == 1
-    assert session_options(settings).intra_op_num_threads == 0  # ORT's default on CPU
+    # On CPU, every core this process may use but one, which is left to the event loop.
+    cores = len(os.sched_getaffinity(0))
+    assert session_options(settings).intra_op_num_threads == max(1, cores - 1)
     assert session_options(settings.model_copy(update={"intra_op_threads": 4}),
                            cuda=True).intra_op_num_threads == 4  # an explicit value wins
     assert cuda_provider_options(settings) == {
