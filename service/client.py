@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos.seqserve.v1 import seqserve_pb2 as pb
 from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
 from service import defaults
+from service.channel_security import ChannelSecurity, open_aio_channel, open_channel
 
 DEFAULT_TARGET = defaults.SERVER
 # Responses carry one result per text; leave room for large requests' answers.
@@ -162,12 +163,14 @@ class Client:
     """Blocking client; thread-safe (one channel, as gRPC recommends)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (),
+                 security: ChannelSecurity | None = None) -> None:
         """``options``: extra gRPC channel arguments, e.g. ``("grpc.service_config", json)``
-        for client-side load balancing and retries over several replicas."""
+        for client-side load balancing and retries over several replicas. ``security``: TLS,
+        mutual TLS and a bearer token (``ChannelSecurity.from_files``); None: plaintext."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=[*_OPTIONS, *options])
+        self._channel = open_channel(target, [*_OPTIONS, *options], security)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -251,11 +254,12 @@ class AsyncClient:
     """asyncio client for load generators: ``async with AsyncClient(target) as client``."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
-        """``options``: extra gRPC channel arguments, as for ``Client``."""
+                 options: Sequence[tuple[str, Any]] = (),
+                 security: ChannelSecurity | None = None) -> None:
+        """``options`` and ``security``: as for ``Client``."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=[*_OPTIONS, *options])
+        self._channel = open_aio_channel(target, [*_OPTIONS, *options], security)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

@@ -22,6 +22,7 @@ from service.server.lifecycle import Lifecycle
 from service.server.metrics import ServingMetrics
 from service.server.registry import Loader, ModelRegistry
 from service.server.runtime import SessionBuilder, load_version
+from service.server.security import SecurityError, ServerSecurity
 from service.server.settings import ServeSettings
 from service.server.transport import native, open_inference
 
@@ -71,6 +72,7 @@ class SeqServer:
         self.lifecycle = Lifecycle(SERVICES)
         self.registry = ModelRegistry(settings, self.metrics, builder, loader=loader)
         self.core = InferenceCore(settings, self.registry, self.lifecycle, self.metrics)
+        self.security = ServerSecurity(settings)
         self.port = 0
         self._server: grpc.aio.Server | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -85,7 +87,12 @@ class SeqServer:
     async def start(self) -> None:
         """Open the port (NOT_SERVING), load every model, then turn SERVING."""
         s = self.settings
-        server = grpc.aio.server(options=channel_options(s))
+        try:
+            self.security.load((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME))
+        except SecurityError as exc:
+            raise StartupError(str(exc)) from exc
+        server = grpc.aio.server(options=channel_options(s),
+                                 interceptors=self.security.interceptors)
         seqserve_pb2_grpc.add_ClassifierServicer_to_server(
             native.ClassifierServicer(self.core), server)
         open_inference.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
@@ -96,7 +103,7 @@ class SeqServer:
                 (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         host = f"[{s.host}]" if ":" in s.host else s.host
         try:
-            self.port = server.add_insecure_port(f"{host}:{s.port}")
+            self.port = self.security.add_port(server, f"{host}:{s.port}")
         except RuntimeError as exc:
             raise StartupError(f"cannot listen on {host}:{s.port}: {exc}") from exc
         self._server = server
@@ -152,7 +159,8 @@ class SeqServer:
 
 
 async def serve(settings: ServeSettings, *, overridden: set[str] = frozenset()) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0); SIGHUP rescans the repository."""
+    """Run until SIGTERM/SIGINT (drain, exit 0); SIGHUP rescans the repository and rereads
+    the TLS certificates and the token file."""
     for line in settings.describe(overridden):
         log.info("setting %s", line)
     loop = asyncio.get_running_loop()
@@ -171,6 +179,7 @@ async def serve(settings: ServeSettings, *, overridden: set[str] = frozenset()) 
     def on_hup() -> None:
         log.info("SIGHUP received: rescanning the repository")
         server.registry.request_scan(retry_failed=True)
+        server.security.reload()  # rotated certificates and token file
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_stop, signum)

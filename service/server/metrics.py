@@ -19,9 +19,10 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service.server.errors import REASONS
+from service.server.metrics_http import start_metrics_server
 from service.server.sessions import FALLBACK_REASONS, DeviceSelection
 
 MODEL_LABELS = ("model", "version", "architecture", "precision", "device")
@@ -165,7 +166,8 @@ class ServingMetrics:
             self.rejections.remove(*values, reason)
 
     def start_http(self, host: str, port: int) -> None:
-        self._http = start_http_server(port, host, registry=self.registry)
+        """Serve ``/metrics`` (only that path) on ``host:port``; raises ``OSError``."""
+        self._http = start_metrics_server(host, port, self.registry)
 
     def stop_http(self) -> None:
         if self._http is not None:

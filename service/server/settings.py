@@ -9,6 +9,7 @@ its source at start-up.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -26,6 +28,9 @@ from service import defaults
 
 ENV_PREFIX = "SEQSERVE_"
 MIB = 1 << 20
+# Settings whose values are secrets: the start-up log says only whether they are set.
+SECRET_FIELDS = frozenset({"auth_tokens"})
+_SERVICE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 class ShadowRule(BaseModel):
@@ -62,6 +67,17 @@ def refused_setting(error: ValidationError) -> str:
 
 def _split(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the server could not read ``path`` at start-up, or None."""
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a file"
+    if not os.access(path, os.R_OK):
+        return "not readable by this user"
+    return None
 
 
 class ServeSettings(BaseSettings):
@@ -202,8 +218,30 @@ class ServeSettings(BaseSettings):
     )
     reflection: bool = Field(True, description="serve gRPC server reflection")
 
+    # --- security (service/server/security.py) --------------------------------------------
+    tls_cert_file: Path | None = Field(
+        None, description="server certificate chain, PEM, leaf first; with tls_key_file: TLS "
+        "on the gRPC port, reloaded when the files change and on SIGHUP")
+    tls_key_file: Path | None = Field(
+        None, description="the private key of tls_cert_file (PEM, unencrypted)")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA certificates (PEM) for mutual TLS: every client must present a "
+        "certificate they signed")
+    auth_token_file: Path | None = Field(
+        None, description="bearer tokens, one per line (blank lines and # comments ignored): "
+        "calls need metadata 'authorization: Bearer <token>'; reread on SIGHUP")
+    auth_tokens: SecretStr | None = Field(
+        None, description="bearer tokens, comma-separated, never logged; prefer the "
+        "environment (SEQSERVE_AUTH_TOKENS) or auth_token_file, as a flag shows in ps")
+    auth_open_services: str = Field(
+        "grpc.health.v1.Health",
+        description="gRPC services answered without a token, comma-separated ('' for none), "
+        "e.g. add grpc.reflection.v1alpha.ServerReflection")
+
     # --- metrics and shadowing ------------------------------------------------------------
-    metrics_host: str = Field("0.0.0.0", description="Prometheus /metrics listen address")
+    metrics_host: str = Field(
+        "127.0.0.1", description="Prometheus /metrics listen address (loopback unless set: "
+        "the container images set 0.0.0.0 for their scraper)")
     metrics_port: int = Field(defaults.METRICS_PORT, ge=0, le=65535,
                               description="/metrics port (0: disabled)")
     shadow: Annotated[list[ShadowRule], NoDecode] = Field(
@@ -253,6 +291,43 @@ class ServeSettings(BaseSettings):
                 "could never be queued")
         return self
 
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file",
+                     mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An empty SEQSERVE_TLS_CERT_FILE= (a template with nothing filled in) means "not set".
+        return None if value == "" else value
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file")
+    @classmethod
+    def _readable_file(cls, path: Path | None) -> Path | None:
+        problem = _unreadable(path) if path is not None else None
+        if problem:
+            raise ValueError(f"{path}: {problem}")
+        return path
+
+    @field_validator("auth_open_services")
+    @classmethod
+    def _service_names(cls, value: str) -> str:
+        names = _split(value)
+        for name in names:
+            if not _SERVICE_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a gRPC service name (package.Service)")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _tls_files_together(self) -> ServeSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and "
+                             "tls_key_file")
+        return self
+
+    def open_services(self) -> tuple[str, ...]:
+        """The gRPC services of ``auth_open_services``."""
+        return tuple(_split(self.auth_open_services))
+
     @model_validator(mode="after")
     def _one_shadow_per_primary(self) -> ServeSettings:
         primaries = [rule.primary for rule in self.shadow]
@@ -267,6 +342,8 @@ class ServeSettings(BaseSettings):
             value = getattr(self, name)
             if name == "shadow":
                 value = ",".join(str(rule) for rule in value) or "-"
+            elif name in SECRET_FIELDS:
+                value = "<set, not shown>" if value and value.get_secret_value() else "-"
             elif name == "model_versions":
                 value = ",".join(f"{k}={v}" for k, v in value.items()) or "-"
             if name in overridden:

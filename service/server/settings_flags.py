@@ -64,7 +64,7 @@ def _plain_type(annotation: Any) -> Any:
 
 def _metavar(name: str, kind: Any) -> str:
     for suffix, metavar in (("_s", "SECONDS"), ("_ms", "MS"), ("_bytes", "BYTES"),
-                            ("host", "HOST"), ("port", "PORT")):
+                            ("_file", "FILE"), ("host", "HOST"), ("port", "PORT")):
         if name.endswith(suffix):
             return metavar
     return {Path: "DIR", int: "N", float: "X"}.get(kind, "VALUE")
