@@ -37,6 +37,11 @@ class ModelVersion:
         return manifest
 
 
+def _is_number(name: str) -> bool:
+    # str.isdigit() accepts "²" and "١", which int() refuses or reads as another number.
+    return name.isascii() and name.isdigit()
+
+
 def model_names(repository: Path) -> list[str]:
     if not repository.is_dir():
         return []
@@ -55,7 +60,7 @@ def versions(repository: Path, name: str) -> list[ModelVersion]:
     found = []
     for entry in model_dir.iterdir():
         complete = entry.is_dir() and (entry / MANIFEST_FILE).is_file()
-        if complete and entry.name.isdigit() and int(entry.name) > 0:
+        if complete and _is_number(entry.name) and int(entry.name) > 0:
             found.append(ModelVersion(name, int(entry.name), entry))
     return sorted(found, key=lambda v: v.version)
 
@@ -71,7 +76,7 @@ def next_version_number(repository: Path, name: str) -> int:
     numbers = [
         int(entry.name)
         for entry in (model_dir.iterdir() if model_dir.is_dir() else [])
-        if entry.name.isdigit()
+        if _is_number(entry.name)
     ]
     return max(numbers, default=0) + 1
 

@@ -16,7 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from protos.seqserve.v1 import seqserve_pb2_grpc
+from protos.seqserve.v1 import seqserve_pb2
+from service.server import heap
 from service.server.core import InferenceCore
 from service.server.lifecycle import Lifecycle
 from service.server.metrics import ServingMetrics
@@ -25,6 +26,7 @@ from service.server.runtime import SessionBuilder, load_version
 from service.server.security import SecurityError, ServerSecurity
 from service.server.settings import ServeSettings
 from service.server.transport import native, open_inference
+from service.server.transport.registration import add_servicer
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ READY_PREFIX = "seqserve: serving on "
 SERVICES = (native.SERVICE_NAME, open_inference.SERVICE_NAME)
 # After the drain, in-flight streams get this long to notice the server closing.
 STOP_GRACE_S = 1.0
+# After the drain, the server closes once no call has arrived for this long (within the grace).
+QUIET_WINDOW_S = 0.25
 
 
 class StartupError(Exception):
@@ -51,6 +55,12 @@ def channel_options(settings: ServeSettings) -> list[tuple[str, int]]:
          int(settings.keepalive_min_client_ping_s * ms)),
         # Fail loudly when the port is taken instead of silently sharing it.
         ("grpc.so_reuseport", 0),
+        # When the event loop is the bottleneck, calls pile up in gRPC before any handler runs.
+        # Beyond this many, C-core sheds them at once, before Python sees them (it reports them
+        # CANCELLED: measured, README "Guarantees"), instead of parking them until their
+        # deadline while memory grows (at 3x capacity: 406 MB and 95 % DEADLINE_EXCEEDED).
+        ("grpc.server.max_pending_requests", settings.max_pending_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_rpcs),
     ]
     if settings.max_connection_age_s > 0:
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)))
@@ -93,10 +103,10 @@ class SeqServer:
             raise StartupError(str(exc)) from exc
         server = grpc.aio.server(options=channel_options(s),
                                  interceptors=self.security.interceptors)
-        seqserve_pb2_grpc.add_ClassifierServicer_to_server(
-            native.ClassifierServicer(self.core), server)
-        open_inference.pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            open_inference.InferenceServicer(self.core), server)
+        add_servicer(server, seqserve_pb2, "Classifier", native.ClassifierServicer(self.core),
+                     refused=self.core.refused)
+        add_servicer(server, open_inference.pb, "GRPCInferenceService",
+                     open_inference.InferenceServicer(self.core), refused=self.core.refused)
         health_pb2_grpc.add_HealthServicer_to_server(self.lifecycle.health, server)
         if s.reflection:
             reflection.enable_server_reflection(
@@ -143,6 +153,12 @@ class SeqServer:
         drained = await self.lifecycle.drain(grace)
         if self._poller is not None:
             self._poller.cancel()
+        if drained and grace > 0:
+            # Keep answering UNAVAILABLE until callers stop arriving: a call that reaches gRPC
+            # while it shuts down ends CANCELLED (grpc/grpc#41785), which a client does not
+            # retry elsewhere the way it retries UNAVAILABLE.
+            await self.lifecycle.quiet(QUIET_WINDOW_S,
+                                       limit=max(0.0, grace - (time.monotonic() - started)))
         if self._server is not None:
             await self._server.stop(STOP_GRACE_S if drained else 0)
         if self.core.shadow is not None:
@@ -165,6 +181,9 @@ async def serve(settings: ServeSettings, *, overridden: set[str] = frozenset()) 
         log.info("setting %s", line)
     loop = asyncio.get_running_loop()
     log.info("event loop: %s.%s", type(loop).__module__, type(loop).__name__)
+    if heap.retain_freed(settings.heap_retain_bytes):
+        log.info("heap: keeping up to %d MiB of freed memory for reuse",
+                 settings.heap_retain_bytes >> 20)
     server = SeqServer(settings)
     stop = asyncio.Event()
 

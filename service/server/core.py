@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # Requests with more characters than this are tokenized in a worker thread (~16 KiB tokenizes
 # in about 2 ms: longer would hold up every other call on the event loop).
 OFF_LOOP_TOKENIZE_CHARS = 16_384
+MAX_NAME_IN_MESSAGE = 64
 TOKENIZE_WORKERS = 2
 
 
@@ -138,6 +139,12 @@ class InferenceCore:
         metrics = self._unresolved
         try:
             self.lifecycle.check_accepting()
+            if self.lifecycle.inflight >= self.settings.max_inflight_requests:
+                raise ServingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server overloaded: {self.lifecycle.inflight} calls in flight (limit "
+                    f"{self.settings.max_inflight_requests}); retry with backoff or on another "
+                    "replica", "overloaded")
             served = self._resolve(call.model, call.version)
             metrics = served.metrics
             with self.lifecycle.track():
@@ -228,9 +235,20 @@ class InferenceCore:
             raise invalid(f"{field}: at least one text is required")
         if count > limit:
             raise invalid(f"{field}: {count} texts, more than the limit of {limit} per request")
+        max_text, max_request = self.settings.max_text_bytes, self.settings.max_request_bytes
         for index, text in enumerate(call.texts):
             if not text or text.isspace():
                 raise invalid(f"{field}[{index}]: empty or whitespace-only text")
+            # A character is 1-4 bytes in UTF-8: only a non-ASCII text near the bound is encoded
+            # to count (isascii() reads a flag of the string; encoding 4 MiB takes ~2 ms).
+            if len(text) * 4 > max_text and (size := _utf8_size(text)) > max_text:
+                raise invalid(f"{field}[{index}]: {size} bytes, more than the limit of "
+                              f"{max_text} per text (--max-text-bytes)")
+        if sum(len(text) for text in call.texts) * 4 > max_request:
+            total = sum(_utf8_size(text) for text in call.texts)
+            if total > max_request:
+                raise invalid(f"{field}: {total} bytes in all, more than the limit of "
+                              f"{max_request} per request (--max-request-bytes)")
         labels = len(served.labels)
         if call.top_k < 0 or call.top_k > labels:
             raise invalid(f"top_k: {call.top_k} is outside 0..{labels} "
@@ -243,8 +261,10 @@ class InferenceCore:
             raise invalid(f"version: {version} is not a version number (they start at 1)")
         served = self.registry.get(name)
         if served is None:
-            names = ", ".join(m.name for m in self.registry.models()) or "none"
-            raise not_found(f"model {name!r} is not loaded (loaded: {names})")
+            # Bounded (a client may send a megabyte of name) and without the list of models:
+            # ListModels says what is served, to those allowed to ask.
+            shown = name if len(name) <= MAX_NAME_IN_MESSAGE else name[:MAX_NAME_IN_MESSAGE] + "…"
+            raise not_found(f"model {shown!r} is not loaded")
         if version is not None and version != served.version:
             raise not_found(f"model {name} version {version} is not loaded "
                             f"(serving version {served.version})")
@@ -254,6 +274,10 @@ class InferenceCore:
         return ModelView(served, self.registry.available_versions(served.name),
                          self.registry.failed_versions(served.name),
                          self.settings.max_texts_per_request)
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def _results(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 from grpc_health.v1 import health, health_pb2
@@ -39,6 +40,7 @@ class Lifecycle:
         self._idle = asyncio.Event()
         self._idle.set()
         self._force = asyncio.Event()
+        self._last_refused = 0.0  # monotonic time of the last call refused while draining
 
     @property
     def inflight(self) -> int:
@@ -56,6 +58,7 @@ class Lifecycle:
         if self.state is State.LOADING:
             raise unavailable("server is still loading its models; retry shortly")
         if self.state is State.DRAINING:
+            self._last_refused = time.monotonic()
             raise unavailable("server is shutting down; retry on another instance")
 
     @contextlib.contextmanager
@@ -87,6 +90,15 @@ class Lifecycle:
         if self._inflight:
             log.warning("grace period over with %d call(s) still in flight", self._inflight)
         return self._inflight == 0
+
+    async def quiet(self, window: float, *, limit: float) -> None:
+        """Wait until no call has been refused for ``window`` seconds, or ``limit`` passed."""
+        deadline = time.monotonic() + limit
+        while (now := time.monotonic()) < deadline and not self._force.is_set():
+            wait = min(self._last_refused + window, deadline) - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)  # a timer, not synchronisation: it re-checks the clock
 
     def force(self) -> None:
         """A second signal: stop waiting for calls in flight."""

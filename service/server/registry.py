@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from service.repo.layout import ModelVersion, model_names, versions
 from service.repo.manifest import ManifestError
@@ -90,6 +91,7 @@ class ModelRegistry:
         self._wake = asyncio.Event()
         self._retry_failed = False
         self._retiring: set[asyncio.Task[None]] = set()
+        self._repository_present = True
 
     # --- lookups (event loop only) ------------------------------------------------------
 
@@ -131,6 +133,7 @@ class ModelRegistry:
             if retry_failed:  # SIGHUP: CUDA may work now (libraries installed, GPU freed)
                 self._builder.retry_cuda()
             repository = self.settings.repository
+            self._note_repository(repository)
             names = model_names(repository)
             for name in sorted(set(self.settings.model_versions) - set(names)):
                 self._refuse(report, name, self.settings.model_versions[name],
@@ -154,6 +157,19 @@ class ModelRegistry:
                     await self._fall_back(name, found, target.version, report, retry_failed)
             self._metrics.repository_scans.inc()
             return report
+
+    def _note_repository(self, repository: Path) -> None:
+        """Say once when the repository disappears (an unmounted volume, a deleted directory)
+        and once when it returns: what is loaded keeps serving meanwhile."""
+        present = repository.is_dir()
+        if present == self._repository_present:
+            return
+        self._repository_present = present
+        if present:
+            log.info("repository %s is back", repository)
+        else:
+            log.warning("repository %s is gone: serving the loaded versions until it returns",
+                        repository)
 
     async def _fall_back(self, name: str, found: list[ModelVersion], newest: int,
                          report: ScanReport, retry_failed: bool) -> None:

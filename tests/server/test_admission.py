@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 from harness.server import SlowInference, server_settings, wait_until
-from harness.tiny_models import LSTM_NAME
+from harness.tiny_models import LSTM_NAME, TRANSFORMER_NAME
 
 from service.client import ClientError
 from service.server.core import OFF_LOOP_TOKENIZE_CHARS
@@ -62,3 +62,25 @@ def test_a_large_request_is_tokenized_off_the_loop_and_answered(start_server,
     assert calls == [1]
     assert large.truncated and large.token_count == 32  # tiny-lstm's max_length
     assert small.label in ("negative", "positive")
+
+
+def test_the_server_wide_bound_on_calls_in_flight_answers_resource_exhausted_at_once(
+        start_server, tiny_repository: Path) -> None:
+    slow = SlowInference(0.5)
+    running = start_server(server_settings(tiny_repository, max_inflight_requests=2,
+                                           max_batch_delay_ms=0), loader=slow)
+    unresolved = {label: "" for label in LSTM}
+    with running.client(timeout=10) as client:
+        # Two calls in flight, on two models: the bound is the server's, not a model's.
+        held = [client.classify_async(["a"], model=LSTM_NAME),
+                client.classify_async(["b"], model=TRANSFORMER_NAME)]
+        wait_until(lambda: running.server.lifecycle.inflight == 2)
+        with pytest.raises(ClientError) as caught:
+            client.classify(["c"], model=LSTM_NAME)
+        assert caught.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 calls in flight (limit 2)" in caught.value.details
+        assert slow.batches_started == {LSTM_NAME: 1, TRANSFORMER_NAME: 1}  # no work done
+        assert all(pending.result(10).results for pending in held)
+        assert client.classify(["d"], model=LSTM_NAME).results  # room again
+    assert running.server.metrics.registry.get_sample_value(
+        "seqserve_rejections_total", {**unresolved, "reason": "overloaded"}) == 1

@@ -18,6 +18,7 @@ from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore, Mo
 from service.server.device_gate import DeviceGateResult
 from service.server.errors import ServingError
 from service.server.transport.common import abort, deadline_of
+from service.server.transport.registration import Malformed
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 MICROS = 1_000_000
@@ -26,7 +27,8 @@ MICROS = 1_000_000
 def to_call(request: pb.ClassifyRequest, deadline: float | None) -> ClassifyCall:
     return ClassifyCall(
         model=request.model,
-        texts=request.texts,
+        # Once: each read of a repeated string field decodes its UTF-8 into a new str.
+        texts=list(request.texts),
         version=request.version if request.HasField("version") else None,
         top_k=request.top_k,
         deadline=deadline,
@@ -173,8 +175,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 await reader
 
     async def _one(
-        self, request: pb.ClassifyRequest, deadline: float | None
+        self, request: pb.ClassifyRequest | Malformed, deadline: float | None
     ) -> pb.ClassifyStreamResponse:
+        if isinstance(request, Malformed):  # answered alone; the stream goes on
+            error = request.error()
+            self._core.refused(error)
+            return pb.ClassifyStreamResponse(error=pb.StreamError(
+                code=error.code.value[0], message=error.message))
         try:
             outcome = await self._core.classify(to_call(request, deadline))
         except ServingError as error:

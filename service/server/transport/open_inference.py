@@ -24,7 +24,7 @@ from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore
 from service.server.errors import ServingError, invalid
-from service.server.transport.common import abort, deadline_of
+from service.server.transport.common import abort, deadline_of, quoted, quoted_all
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PLATFORM = "onnxruntime_onnx"  # Triton's name for ONNX Runtime models
@@ -58,24 +58,30 @@ def encode_bytes_tensor(items: Sequence[bytes]) -> bytes:
     return b"".join(_LENGTH.pack(len(item)) + item for item in items)
 
 
+# A version is a positive integer of at most this many ASCII digits (int64 holds 18 safely).
+MAX_VERSION_DIGITS = 18
+
+
 def parse_version(text: str, field: str) -> int | None:
+    """'' -> None (the served version); ASCII digits only ('²' and '١' pass isdigit())."""
     if not text:
         return None
-    if not text.isdigit():
-        raise invalid(f"{field}: {text!r} is not a version number")
+    if len(text) > MAX_VERSION_DIGITS or not (text.isascii() and text.isdigit()):
+        raise invalid(f"{field}: {quoted(text)} is not a version number (ASCII digits, at "
+                      f"most {MAX_VERSION_DIGITS})")
     return int(text)
 
 
 def texts_of(request: pb.ModelInferRequest) -> list[str]:
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
-        names = [t.name for t in request.inputs]
+        names = quoted_all([t.name for t in request.inputs])  # bounded: the caller chose them
         raise invalid(f"inputs: expected exactly one input named {INPUT!r}, got {names}")
     tensor = request.inputs[0]
     if tensor.datatype != "BYTES":
-        raise invalid(f"{INPUT}: datatype must be BYTES, got {tensor.datatype!r}")
+        raise invalid(f"{INPUT}: datatype must be BYTES, got {quoted(tensor.datatype)}")
     shape = list(tensor.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-        raise invalid(f"{INPUT}: shape must be [N] or [N, 1], got {shape}")
+        raise invalid(f"{INPUT}: shape must be [N] or [N, 1], got {quoted_all(shape)}")
     if request.raw_input_contents:
         items = decode_bytes_tensor(request.raw_input_contents[0])
     else:
@@ -95,7 +101,8 @@ def outputs_of(request: pb.ModelInferRequest) -> list[str]:
     wanted = [o.name for o in request.outputs] or list(OUTPUTS)
     unknown = [name for name in wanted if name not in OUTPUTS]
     if unknown:
-        raise invalid(f"outputs: unknown output(s) {unknown}; available: {list(OUTPUTS)}")
+        raise invalid(f"outputs: unknown output(s) {quoted_all(unknown)}; available: "
+                      f"{list(OUTPUTS)}")
     return wanted
 
 
