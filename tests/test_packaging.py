@@ -54,6 +54,11 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     assert len(commands) == 2
     main_job, tests = commands
     assert "seqserve demo" in main_job
+    # The test command installs what the tests need (Debian's prometheus included) first.
+    assert tests.startswith("bash scripts/install-test-deps && "), tests
+    installer = (ROOT / "scripts" / "install-test-deps").read_text()
+    assert "apt-get install" in installer and "prometheus" in installer
+    assert 'pip install -q -e ".[train,dev]"' in installer
     ci = (ROOT / ".ci" / "run").read_text()
     for part in tests.split(" && "):
         assert part.strip() in ci, f"{part!r} of the README's test command is not in .ci/run"

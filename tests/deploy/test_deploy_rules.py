@@ -5,13 +5,12 @@ make sure every recording rule and every alert has such a test, so a new unteste
 the suite. The last two tests start a real Prometheus through tests/prometheus_harness.py:
 once scraping itself, once scraping the server's own metric families (service/server/metrics.py) fed
 with synthetic traffic, where every recording rule and dashboard query must yield data.
-Debian's `prometheus` package provides both binaries; `.ci/run` installs it.
+Debian's `prometheus` package provides both binaries; `scripts/install-test-deps` installs it.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -29,22 +28,12 @@ from harness.prometheus import (
     SCRAPE_METRICS,
     dashboard_expressions,
     exported_metric_names,
-    find_prometheus,
     free_port,
     promql_metric_names,
     recording_rule_names,
     run_prometheus,
 )
-
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool is not installed (Debian package `prometheus`; .ci/run installs it)",
-)
-needs_prometheus = pytest.mark.skipif(
-    find_prometheus() is None,
-    reason="prometheus is not installed (Debian package `prometheus`; .ci/run installs it)",
-)
+from harness.system_tools import require
 
 CONFIG = PROMETHEUS_DIR / "prometheus.yml"
 KUBERNETES_CONFIG = DEPLOY / "kubernetes" / "prometheus.yml"
@@ -55,10 +44,9 @@ RULE_NAME = re.compile(r"^[a-z][a-z0-9_]*:[a-z][a-z0-9_]*:[a-z0-9_]+$")
 
 
 def promtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
     return subprocess.run(
-        [PROMTOOL, *map(str, args)], capture_output=True, text=True, timeout=120, check=False
-    )
+        [require("promtool"), *map(str, args)], capture_output=True, text=True, timeout=120,
+        check=False)
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
@@ -77,24 +65,20 @@ def unit_test_cases() -> list[dict[str, Any]]:
 # --- promtool ---------------------------------------------------------------------------------
 
 
-@needs_promtool
 def test_prometheus_config_is_valid() -> None:
     assert_ok(promtool("check", "config", CONFIG))
     assert_ok(promtool("check", "config", CONFIG.parent / "local.yml"))  # the no-Docker one
 
 
-@needs_promtool
 def test_rules_are_valid() -> None:
     assert_ok(promtool("check", "rules", RECORDING_RULES, ALERTING_RULES))
 
 
-@needs_promtool
 def test_rule_unit_tests_pass() -> None:
     assert UNIT_TESTS, "no promtool unit tests in deploy/prometheus/tests/"
     assert_ok(promtool("test", "rules", *UNIT_TESTS))
 
 
-@needs_promtool
 def test_kubernetes_prometheus_config_is_valid(tmp_path: Path) -> None:
     """The annotation-based scrape job, with its relabelling checked by promtool.
 
@@ -167,7 +151,6 @@ def test_rules_use_only_metrics_the_server_exports() -> None:
 # --- the real-Prometheus harness -----------------------------------------------------------
 
 
-@needs_prometheus
 @pytest.mark.timeout(90)
 def test_harness_runs_prometheus_scraping_itself(tmp_path: Path) -> None:
     """Prometheus scrapes its own /metrics; the rules load and every dashboard query runs."""
@@ -244,7 +227,6 @@ def synthetic_server_metrics() -> Iterator[str]:
         metrics.stop_http()
 
 
-@needs_prometheus
 @pytest.mark.timeout(120)
 def test_rules_and_dashboard_produce_data_from_the_server_metrics(tmp_path: Path) -> None:
     """Every recording rule and dashboard query yields series from the real exposition.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,11 +17,9 @@ import pytest
 import yaml
 from harness import kubernetes as k8s
 from harness.prometheus import PROMETHEUS_DIR, exported_metric_names, promql_metric_names
+from harness.system_tools import require
 
 from service.server.settings import ENV_PREFIX, ServeSettings
-
-if k8s.kubectl() is None and not k8s.kubectl_required():
-    pytest.skip("kubectl (with kustomize) is not installed", allow_module_level=True)
 
 KUBERNETES = k8s.KUBERNETES
 OVERLAYS = {"cpu": KUBERNETES / "overlays" / "cpu", "gpu": KUBERNETES / "overlays" / "gpu"}
@@ -279,7 +276,6 @@ def test_the_autoscaler_metric_is_served_by_the_adapter_rule() -> None:
         assert placeholder in rule["metricsQuery"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_the_adapter_query_is_valid_promql(tmp_path: Path) -> None:
     (rule,) = yaml.safe_load((ADAPTER / "config.yaml").read_text())["rules"]
     expr = (rule["metricsQuery"].replace("<<.Series>>", "seqserve_queue_depth")
@@ -288,8 +284,8 @@ def test_the_adapter_query_is_valid_promql(tmp_path: Path) -> None:
     rules = tmp_path / "adapter.yml"
     rules.write_text(yaml.safe_dump({"groups": [{"name": "adapter", "rules": [
         {"record": "pod:seqserve_queue_depth:avg1m", "expr": expr}]}]}))
-    result = subprocess.run(["promtool", "check", "rules", str(rules)], capture_output=True,
-                            text=True, timeout=60, check=False)
+    result = subprocess.run([require("promtool"), "check", "rules", str(rules)],
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from harness.prometheus import (
     dashboard_expressions,
-    find_prometheus,
     recording_rule_names,
     run_prometheus,
 )
@@ -26,8 +25,6 @@ from harness.tiny_models import (
 from service.client import ClientError
 
 pytestmark = [
-    pytest.mark.skipif(find_prometheus() is None,
-                       reason="Debian's prometheus is not installed (.ci/run installs it)"),
     pytest.mark.timeout(240),
 ]
 ARCHITECTURES = {"lstm", "transformer", "pretrained"}

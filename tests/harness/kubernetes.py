@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from kubernetes_validate import utils as kv_utils
 from referencing import Registry, Resource
 
 from harness import REPO_ROOT
+from harness.system_tools import require
 
 KUBERNETES = REPO_ROOT / "deploy" / "kubernetes"
 CRDS = KUBERNETES / "crds"
@@ -33,20 +32,10 @@ CRDS = KUBERNETES / "crds"
 OLDEST_KUBERNETES = "1.31"
 
 
-def kubectl() -> str | None:
-    return shutil.which("kubectl")
-
-
-def kubectl_required() -> bool:
-    """In CI a missing kubectl is a failure, not a skip: drift must not pass unseen there."""
-    return bool(os.environ.get("CI"))
-
-
 @functools.cache
 def kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
     """Every object ``kubectl kustomize DIRECTORY`` renders, in order."""
-    binary = kubectl()
-    assert binary is not None, "kubectl is not installed"
+    binary = require("kubectl")
     result = subprocess.run([binary, "kustomize", str(directory)], capture_output=True,
                             text=True, timeout=120, check=False)
     assert result.returncode == 0, f"kubectl kustomize {directory}:\n{result.stderr}"

@@ -1,21 +1,16 @@
 """A real Prometheus for tests, and what tests need to check PromQL against the server.
 
-``run_prometheus`` starts the ``prometheus`` binary (Debian's package; ``.ci/run`` installs it)
-on a free loopback port with its own config and storage in a temporary directory, scraping
-one target as job ``seqserve`` and evaluating the repository's rules; it always stops the
-process. The handle queries the HTTP API with urllib, so no client library is needed.
-
-The other helpers read the deploy files: the dashboard's expressions with Grafana's macros and
-template variables replaced by plain PromQL, the metric names the server exports
-(``service/server/metrics.py``), the recording rules' names, and the metric names an expression
-uses.
+``run_prometheus`` starts the ``prometheus`` binary (Debian's package, which
+``scripts/install-test-deps`` installs) on a free loopback port with its own config and
+storage in a temporary directory, scraping one target as job ``seqserve`` and evaluating the
+repository's rules; it always stops the process. The handle queries the HTTP API with urllib,
+so no client library is needed.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -31,6 +26,7 @@ from typing import Any
 import yaml
 
 from harness import REPO_ROOT as ROOT
+from harness.system_tools import require
 
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -50,14 +46,6 @@ HTTP_TIMEOUT_S = 10.0
 
 class PrometheusError(RuntimeError):
     """Prometheus did not start, or answered a query with an error."""
-
-
-def find_prometheus() -> str | None:
-    """The ``prometheus`` server binary, or None where it is not installed."""
-    found = shutil.which("prometheus")
-    if found is None and Path("/usr/bin/prometheus").is_file():
-        found = "/usr/bin/prometheus"
-    return found
 
 
 def free_port() -> int:
@@ -184,9 +172,7 @@ def run_prometheus(
     Listens on 127.0.0.1 only, at ``port`` or a free port; config, data and log live in
     ``tmp_dir``. Yields once /-/ready answers; the process is stopped however the block ends.
     """
-    binary = find_prometheus()
-    if binary is None:
-        raise PrometheusError("prometheus is not installed (Debian package `prometheus`)")
+    binary = require("prometheus")
     tmp_dir.mkdir(parents=True, exist_ok=True)
     config = tmp_dir / "prometheus.yml"
     write_config(config, scrape_target, scrape_interval=scrape_interval, rule_files=rule_files)
