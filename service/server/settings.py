@@ -167,10 +167,14 @@ class ServeSettings(BaseSettings):
 
     # --- batching -------------------------------------------------------------------------
     max_batch_texts: int = Field(32, ge=1, description="texts per executed batch")
+    # On CPU, 8 x 256 tokens run as many texts per second as 16 x 256 (340 vs 345 LSTM, 167
+    # vs 168 Transformer, 32 callers) while ONNX Runtime's arena keeps a third less peak: the
+    # default pair's server holds 193 MB instead of 255 MB.
     max_batch_tokens: int = Field(
-        4096, ge=1,
-        description="padded tokens (longest text x texts) per executed batch; 16 x 256 costs "
-        "the same per text as 32 x 256 and holds half the memory peak",
+        2048, ge=1,
+        description="padded tokens (longest text x texts) per executed batch; ONNX Runtime "
+        "keeps the memory of the largest batch, and on CPU larger batches of long texts are "
+        "not faster (a GPU may want more)",
     )
     max_batch_delay_ms: float = Field(
         2.0, ge=0.0,
