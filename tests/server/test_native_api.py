@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from harness.server import RunningServer, reference_probabilities, server_settings
 from harness.tiny_models import LSTM_NAME, MAX_LENGTH, TRANSFORMER_NAME, corpus
@@ -34,6 +35,22 @@ def test_results_equal_in_process_onnx_runtime(shared_server: RunningServer,
         assert 1 <= result.token_count <= MAX_LENGTH[model]
     timing = answer.timing
     assert timing.total_us >= timing.inference_us > 0 and timing.batches >= 1
+
+
+@pytest.mark.parametrize("model", [LSTM_NAME, TRANSFORMER_NAME])
+def test_a_text_served_alone_is_bit_identical_to_in_process_onnx_runtime(
+        shared_server: RunningServer, tiny_repository: Path, model: str) -> None:
+    # One call at a time, so each text runs as a batch of one, exactly as in-process: the
+    # same ids and the same graph must give the same float32 bits (batched with others, the
+    # padding changes the order of the sums, hence the 1e-5 above).
+    expected, labels = reference_probabilities(tiny_repository, model, TEXTS)
+    with shared_server.client() as client:
+        for text, row in zip(TEXTS, expected.astype(np.float32), strict=True):
+            answer = client.classify([text], model=model, top_k=len(labels))
+            assert answer.timing.batch_size == 1
+            served = dict(answer.results[0].top)
+            assert np.array_equal(np.array([served[label] for label in labels], np.float32),
+                                  row)
 
 
 def test_concurrent_callers_are_batched_and_get_their_own_results(
