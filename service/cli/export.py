@@ -7,10 +7,11 @@ Every command prints one JSON object with ``--json``; exit codes are in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,21 +56,19 @@ class ExportOptions:
         return GateSettings(**{k: v for k, v in values.items() if v is not None})
 
 
-def run_export(run_dir: Path, repository: Path, name: str, options: ExportOptions,
-               version: int | None = None) -> dict:
-    """Export one run behind the gates; every failure becomes a ``CommandError``."""
+@contextlib.contextmanager
+def publishing_failures(*, json_output: bool) -> Iterator[None]:
+    """What publishing behind the gates can refuse (``export``, ``build`` and ``import``),
+    each as a ``CommandError`` with its exit code; a failed gate's report is printed first
+    with ``--json``."""
     from export.datasets import DatasetError
     from export.gates import GateFailure
-    from export.pipeline import export_run
     from export.publish import VersionExistsError
 
-    if not (run_dir / "model.pt").is_file():
-        raise CommandError(f"{run_dir}: not a run directory (no model.pt)", ExitCode.DATA_ERROR)
     try:
-        result = export_run(run_dir, repository, name, version=version, gates=options.gates(),
-                            opset=options.opset, allow_fp16_failure=options.allow_fp16_failure)
+        yield
     except GateFailure as failure:
-        if options.json:
+        if json_output:
             print(json.dumps({"ok": False, "error": str(failure), **failure.report},
                              default=str))
         raise CommandError(str(failure), ExitCode.GATE_FAILED) from failure
@@ -80,6 +79,18 @@ def run_export(run_dir: Path, repository: Path, name: str, options: ExportOption
     except PermissionError as error:
         raise CommandError(f"cannot write {error.filename}: permission denied",
                            ExitCode.IO_ERROR) from error
+
+
+def run_export(run_dir: Path, repository: Path, name: str, options: ExportOptions,
+               version: int | None = None) -> dict:
+    """Export one run behind the gates; every failure becomes a ``CommandError``."""
+    from export.pipeline import export_run
+
+    if not (run_dir / "model.pt").is_file():
+        raise CommandError(f"{run_dir}: not a run directory (no model.pt)", ExitCode.DATA_ERROR)
+    with publishing_failures(json_output=options.json):
+        result = export_run(run_dir, repository, name, version=version, gates=options.gates(),
+                            opset=options.opset, allow_fp16_failure=options.allow_fp16_failure)
     return result.to_dict()
 
 

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from service import defaults
 from service.cli.exit_codes import CommandError, ExitCode
-from service.cli.export import ExportOptions, add_gate_arguments, describe_export
+from service.cli.export import (
+    ExportOptions,
+    add_gate_arguments,
+    describe_export,
+    publishing_failures,
+)
 
 
 def add_import_commands(commands: argparse._SubParsersAction) -> None:
@@ -81,21 +86,13 @@ def _options(args: argparse.Namespace) -> object:
 
 
 def _run(args: argparse.Namespace, run: object) -> int:
-    from export.gates import GateFailure
     from export.importer import ImportRefused
-    from export.publish import VersionExistsError
 
     try:
-        result = run()  # type: ignore[operator]
+        with publishing_failures(json_output=args.json):
+            result = run()  # type: ignore[operator]
     except ImportRefused as error:
         raise CommandError(str(error), ExitCode.DATA_ERROR) from None
-    except GateFailure as failure:
-        if args.json:
-            print(json.dumps({"ok": False, "error": str(failure), **failure.report},
-                             default=str))
-        raise CommandError(str(failure), ExitCode.GATE_FAILED) from None
-    except VersionExistsError as error:
-        raise CommandError(str(error), ExitCode.IO_ERROR) from None
     report = result.to_dict()
     print(json.dumps({"ok": True, **report}) if args.json else describe_export(report))
     return ExitCode.OK
