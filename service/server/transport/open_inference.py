@@ -22,6 +22,7 @@ import numpy as np
 
 from protos.inference import grpc_predict_v2_pb2 as pb
 from protos.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.repo.layout import is_version_number
 from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore
 from service.server.errors import ServingError, invalid
 from service.server.transport.common import abort, deadline_of, quoted, quoted_all
@@ -66,7 +67,7 @@ def parse_version(text: str, field: str) -> int | None:
     """'' -> None (the served version); ASCII digits only ('²' and '١' pass isdigit())."""
     if not text:
         return None
-    if len(text) > MAX_VERSION_DIGITS or not (text.isascii() and text.isdigit()):
+    if len(text) > MAX_VERSION_DIGITS or not is_version_number(text):
         raise invalid(f"{field}: {quoted(text)} is not a version number (ASCII digits, at "
                       f"most {MAX_VERSION_DIGITS})")
     return int(text)
