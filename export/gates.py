@@ -2,6 +2,8 @@
 
 Parity: ONNX Runtime fp32 gives the same probabilities as PyTorch, including under heavy padding.
 Precision: the fp16 and int8 artifacts predict like fp32 on the whole evaluation set.
+Batch invariance: every artifact gives a text the same probabilities alone as in the mixed-length
+batches a server forms, so a served answer never depends on the traffic around it.
 """
 
 from __future__ import annotations
@@ -33,14 +35,23 @@ class GateSettings(BaseModel):
         default_factory=lambda: ["LSTM", "Softmax", "LayerNormalization", "ReduceMean", "Exp",
                                  "Pow", "Sqrt", "Div"]
     )
-    # Dynamic int8 quantization (weights int8, activations quantized per batch) loses more than
-    # fp16, so its bar is lower; it is an optional speed-up that is never served by default.
+    # int8 (8-bit weights, activations quantized per row) loses more than fp16, so its
+    # agreement bar is lower; --precision auto serves it on CPU when it passes.
     int8_min_agreement: float = Field(default=0.98, ge=0, le=1)
-    int8_max_accuracy_drop: float = Field(default=0.01, ge=0, le=1,
-                                          description="fraction, 0.01 = 1 point")
-    # A gate-failing int8 conversion is retried quantizing only these (the large matrix
-    # products), leaving the LSTM cell and the embedding lookups in fp32.
-    int8_retry_op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"])
+    int8_max_accuracy_drop: float = Field(default=0.005, ge=0, le=1,
+                                          description="fraction, 0.005 = 0.5 points")
+    # After the calibrated form (when there are training texts), the block-wise one with these
+    # blocks of weights sharing one scale, tried in order until one passes: coarse blocks run
+    # faster, fine blocks keep more accuracy (export/int8.py).
+    int8_block_sizes: list[int] = Field(default_factory=lambda: [64, 32], min_length=1)
+    # int8 must run the evaluation set at least this much faster than fp32 to pass: a lossy
+    # artifact that is not faster (block-wise int8 on the small Transformer) is not worth it.
+    int8_min_speedup: float = Field(default=1.1, ge=0,
+                                    description="fp32 time / int8 time on the evaluation set")
+    # A text's probabilities alone vs inside mixed-length batches: above this, the artifact
+    # fails (fp32 and fp16 measured <= 2e-5; dynamic int8 moved by up to 5.6e-2).
+    batch_invariance_tolerance: float = Field(default=2e-3, gt=0,
+                                              description="max abs difference of probabilities")
 
     def thresholds(self, precision: str) -> tuple[float, float]:
         """(minimum agreement with fp32, maximum accuracy drop) for a lower precision."""
@@ -149,3 +160,60 @@ def compare_precisions(fp32_probabilities: np.ndarray, lower_probabilities: np.n
 
 def count_non_finite_rows(probabilities: np.ndarray) -> int:
     return int((~np.isfinite(probabilities)).any(axis=1).sum())
+
+
+# Batch sizes of the mixed-length batches the invariance gate forms: a typical executed batch
+# under load and the server's default max_batch_texts.
+INVARIANCE_BATCH_SIZES = (8, 32)
+INVARIANCE_SEED = 11
+
+
+@dataclass
+class BatchInvariance:
+    max_abs_diff: float  # probabilities, alone vs batched; inf for non-finite outputs
+    worst_case: str
+    texts: int
+    batches: int
+
+    def passes(self, settings: GateSettings) -> bool:
+        return self.max_abs_diff <= settings.batch_invariance_tolerance
+
+
+def invariance_batches(ids: list[list[int]]) -> list[list[int]]:
+    """Row indices of the batches a text must not notice: shuffled mixed-length batches at
+    each of ``INVARIANCE_BATCH_SIZES`` (what a busy server forms when texts of all lengths
+    arrive together), and every text beside the longest one (the most padding it can meet)."""
+    rng = np.random.default_rng(INVARIANCE_SEED)
+    batches: list[list[int]] = []
+    for size in INVARIANCE_BATCH_SIZES:
+        order = [int(i) for i in rng.permutation(len(ids))]
+        batches += [order[start:start + size] for start in range(0, len(order), size)]
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    batches += [[i, longest] for i in range(len(ids)) if i != longest]
+    return batches
+
+
+def check_batch_invariance(session: ort.InferenceSession, ids: list[list[int]], *,
+                           pad_id: int = 0) -> BatchInvariance:
+    """Run each text alone, then inside ``invariance_batches``; the largest change of any
+    probability, and where it happened."""
+    alone = np.concatenate([softmax(run_logits(session, *_padded([row], pad_id)))
+                            for row in ids])
+    worst, worst_case = 0.0, ""
+    batches = invariance_batches(ids)
+    for rows in batches:
+        batched = softmax(run_logits(session, *_padded([ids[i] for i in rows], pad_id)))
+        diff = np.abs(batched - alone[rows]).max(axis=1)
+        diff = np.where(np.isfinite(diff), diff, np.inf)
+        at = int(diff.argmax())
+        if diff[at] > worst:
+            lengths = [len(ids[i]) for i in rows]
+            worst = float(diff[at])
+            worst_case = (f"text {rows[at]} ({lengths[at]} tokens) in a batch of {len(rows)}, "
+                          f"lengths {min(lengths)}–{max(lengths)}")
+    return BatchInvariance(worst, worst_case, len(ids), len(batches))
+
+
+def _padded(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = pad_batch(rows, pad_id=pad_id)
+    return batch.input_ids, batch.attention_mask

@@ -38,6 +38,7 @@ from export.gating import (
     TorchLogits,
     artifact,
     gate_artifacts,
+    graph_compute,
 )
 from export.onnx_eval import cpu_session
 from export.pipeline import ExportResult, source_commit
@@ -137,6 +138,7 @@ def import_huggingface(directory: Path, repository: Path, name: str, options: Im
     import torch
 
     from export.fine_tune import usable_max_length
+    from export.fused_export import fuse_staged_graph
     from export.onnx_export import export_onnx_in_subprocess
     from models.pretrained import PretrainedClassifier, PretrainedConfig, _transformers
 
@@ -166,10 +168,11 @@ def import_huggingface(directory: Path, repository: Path, name: str, options: Im
                             "pad_id": pad_id, "base": wrapped.config.base, "encoder": config}
             export_onnx_in_subprocess("pretrained", model_config, weights, staging / FP32_FILE,
                                       opset=options.opset)
+            plain = fuse_staged_graph(staging, FP32_FILE, model_config, weights)
         shutil.copyfile(directory / TOKENIZER_FILE, staging / TOKENIZER_FILE)
         source = ModelSource(kind="huggingface", path=str(directory.resolve()))
         return _gate_and_publish(staging, repository, name, "pretrained", labels, tokenizer,
-                                 source, options, torch_logits, started)
+                                 source, options, torch_logits, started, fp16_source=plain)
     except BaseException:
         discard(staging)
         raise
@@ -260,21 +263,24 @@ def evaluation_set(spec: EvaluationFile, tokenizer: TextTokenizer,
     ids, _ = tokenizer.token_ids(examples.texts)
     y_true = np.asarray([labels.index(label) for label in examples.labels], dtype=np.int64)
     return EvaluationSet(str(spec.path), "evaluation", examples.texts, ids, y_true,
-                         tokenizer.pad_id)
+                         tokenizer.pad_id, tokenizer.max_length)
 
 
 def _gate_and_publish(staging: Path, repository: Path, name: str, architecture: str,
                       labels: list[str], tokenizer: TextTokenizer, source: ModelSource,
                       options: ImportOptions, torch_logits: TorchLogits | None,
-                      started: float) -> ExportResult:
+                      started: float, *, fp16_source: Path | None = None) -> ExportResult:
     gates = options.gates or GateSettings()
     if options.evaluation is not None:
         report = gate_artifacts(staging, evaluation_set(options.evaluation, tokenizer, labels),
                                 labels, gates=gates, opset=options.opset,
                                 torch_logits=torch_logits,
-                                allow_fp16_failure=options.allow_fp16_failure)
+                                allow_fp16_failure=options.allow_fp16_failure,
+                                fp16_source=fp16_source)
     else:
         report = _unevaluated(staging, tokenizer, gates, options.opset, torch_logits)
+    if fp16_source is not None:
+        fp16_source.unlink(missing_ok=True)
     commit = source_commit()
 
     def write_manifest(directory: Path, number: int) -> None:
@@ -285,7 +291,7 @@ def _gate_and_publish(staging: Path, repository: Path, name: str, architecture: 
             inputs=contract_inputs(), outputs=contract_outputs(len(labels)),
             artifacts=report.artifacts, evaluation=report.evaluation,
             evaluation_slice=report.evaluation_slice, training=None, source=source,
-            created_at=datetime.now(UTC), source_commit=commit,
+            compute=report.compute, created_at=datetime.now(UTC), source_commit=commit,
         ).write(directory / MANIFEST_FILE)
 
     number, target = publish(staging, repository, name, version=options.version,
@@ -311,4 +317,5 @@ def _unevaluated(staging: Path, tokenizer: TextTokenizer, gates: GateSettings, o
         if not diff <= gates.parity_tolerance:
             raise GateFailure(f"parity gate failed: ONNX Runtime vs PyTorch max abs difference "
                               f"{diff:.2e} > {gates.parity_tolerance:.0e}", figures)
-    return GateReport(None, [artifact("fp32", staging / FP32_FILE, opset, passed=True)], figures)
+    return GateReport(None, [artifact("fp32", staging / FP32_FILE, opset, passed=True)], figures,
+                      compute=graph_compute(staging / FP32_FILE))

@@ -84,7 +84,7 @@ def export_onnx(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET) -> 
         batch = torch.export.Dim("batch")
         sequence = torch.export.Dim("sequence")
         dims = {0: batch, 1: sequence}
-        with _quiet_exporter():
+        with quiet_exporter():
             torch.onnx.export(
                 model,
                 (input_ids, attention_mask),
@@ -101,7 +101,7 @@ def export_onnx(model: nn.Module, path: Path, *, opset: int = DEFAULT_OPSET) -> 
             )
         check_exported_graph(onnx.load(tmp_path))
         onnx.checker.check_model(str(tmp_path), full_check=True)
-        _check_parity(model, tmp_path)
+        check_parity_at_other_shapes(model, tmp_path)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -213,8 +213,9 @@ def _random_batch(vocab_size: int, batch: int, length: int) -> tuple[np.ndarray,
     return input_ids.astype(np.int64), attention_mask
 
 
-def _check_parity(model: nn.Module, path: Path) -> None:
-    # Imported here: only the check needs it, and the module stays importable without it.
+def check_parity_at_other_shapes(model: nn.Module, path: Path) -> None:
+    """Raises OnnxExportError unless ONNX Runtime reproduces ``model`` at shapes other than
+    the example's (a graph that fixed a dimension while tracing fails here)."""
     session = open_session(path)
     device = _device_of(model)
     for batch, length in _SMOKE_SHAPES:
@@ -250,7 +251,7 @@ def _vocab_size_of(model: nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Silence the exporter's warnings and log lines (torchvision ops it cannot register,
     deprecations inside torch, attribute-assignment notes on nn.LSTM). Real failures still
     raise, and the graph is verified afterwards."""

@@ -21,6 +21,7 @@ from export.config import (
     RunConfig,
 )
 from export.datasets import DatasetError, load_dataset
+from export.fused_export import fuse_staged_graph
 from export.gates import GateSettings
 from export.gating import FP32_FILE, EvaluationSet, GateReport, TorchLogits, gate_artifacts
 from export.onnx_export import export_onnx_in_subprocess
@@ -40,6 +41,9 @@ from service.repo.manifest import (
 from service.repo.tokenization import TextTokenizer
 
 log = logging.getLogger(__name__)
+
+#: Training texts the calibrated int8's activation ranges are measured on.
+CALIBRATION_TEXTS = 256
 
 
 
@@ -95,6 +99,15 @@ def held_out_test_split(config: RunConfig, labels: list[str]) -> list[tuple[str,
     return splits.test
 
 
+def calibration_ids(config: RunConfig, tokenizer: TextTokenizer) -> list[list[int]]:
+    """Token ids of ``CALIBRATION_TEXTS`` training texts (seeded): the calibrated int8's
+    activation ranges come from the data the model was trained on, never from the test split
+    the gates judge it on."""
+    train = load_dataset(config.data).train
+    rows = np.random.default_rng(config.seed).permutation(len(train))[:CALIBRATION_TEXTS]
+    return tokenizer.token_ids([train[int(i)][0] for i in rows])[0]
+
+
 def load_torch_model(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     model = create_model(config.architecture, config.model)
     state = torch.load(run_dir / WEIGHTS_FILE, map_location="cpu", weights_only=True)
@@ -108,7 +121,8 @@ def held_out_evaluation_set(config: RunConfig, labels: list[str],
     texts = [text for text, _ in test]
     ids, _ = tokenizer.token_ids(texts)
     y_true = np.fromiter((label for _, label in test), dtype=np.int64, count=len(test))
-    return EvaluationSet(config.data.source, "test", texts, ids, y_true, tokenizer.pad_id)
+    return EvaluationSet(config.data.source, "test", texts, ids, y_true, tokenizer.pad_id,
+                         tokenizer.max_length)
 
 
 def torch_reference(run_dir: Path, config: RunConfig) -> TorchLogits:
@@ -138,10 +152,15 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
         log.info("exporting %s (%s) to ONNX opset %d", run_dir, config.architecture, opset)
         export_onnx_in_subprocess(config.architecture, config.model, run_dir / WEIGHTS_FILE,
                                   staging / FP32_FILE, opset=opset)
+        plain = (fuse_staged_graph(staging, FP32_FILE, config.model, run_dir / WEIGHTS_FILE)
+                 if config.architecture == "pretrained" else None)
         report = gate_artifacts(
             staging, held_out_evaluation_set(config, labels, tokenizer), labels,
             gates=gates or GateSettings(), opset=opset,
-            torch_logits=torch_reference(run_dir, config), allow_fp16_failure=allow_fp16_failure)
+            torch_logits=torch_reference(run_dir, config), allow_fp16_failure=allow_fp16_failure,
+            fp16_source=plain, calibration=calibration_ids(config, tokenizer))
+        if plain is not None:
+            plain.unlink()
         (staging / TOKENIZER_FILE).write_bytes((run_dir / TOKENIZER_FILE).read_bytes())
         commit = source_commit()
 
@@ -183,6 +202,7 @@ def build_manifest(run_dir: Path, config: RunConfig, name: str, version: int, la
         artifacts=report.artifacts,
         evaluation=report.evaluation,
         evaluation_slice=report.evaluation_slice,
+        compute=report.compute,
         source=(ModelSource(kind="fine-tuned", base=str(config.model.get("base")))
                 if config.architecture == "pretrained" else ModelSource(kind="trained")),
         training=TrainingSummary(

@@ -109,9 +109,11 @@ def describe_export(report: dict) -> str:
             continue
         kept = (f", {'+'.join(artifact['fp32_op_types'])} in fp32"
                 if artifact["fp32_op_types"] else "")
+        batch = artifact.get("batch_max_abs_diff")
+        invariance = f", batch Δ {batch:.0e}" if batch is not None else ""
         gates.append(f"{precision} {evaluation[precision]['accuracy']:.4f} agreement "
                      f"{evaluation[f'{precision}_agreement']:.4f} "
-                     f"({'passed' if artifact['passed_gates'] else 'FAILED'}{kept})")
+                     f"({'passed' if artifact['passed_gates'] else 'FAILED'}{kept}{invariance})")
     return (f"{report['name']} v{report['version']} ({report['architecture']}): parity "
             f"{'-' if parity is None else f'{parity:.1e}'}, accuracy fp32 "
             f"{evaluation['fp32']['accuracy']:.4f}, " + ", ".join(gates)

@@ -17,8 +17,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from service.repo.graph import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, SEQUENCE_DIM
 
 # 2 added int8 artifacts, optional evaluation and training (imported models), the stored
-# evaluation slice and the model's source; version 1 manifests still load.
-SCHEMA_VERSION = 2
+# evaluation slice and the model's source; 3 each artifact's batch invariance, int8's
+# quantization, the graph's fused ops and its compute per token. Versions 1 and 2 still load.
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 EVALUATION_SLICE_FILE = "evaluation_slice.json"
 
@@ -81,6 +82,18 @@ class Artifact(_Strict):
         description="op types kept in fp32 inside an fp16 artifact (mixed precision), or "
         "left unquantized in an int8 artifact",
     )
+    batch_max_abs_diff: float | None = Field(
+        default=None, ge=0,
+        description="largest change of a probability on the evaluation slice between a text "
+        "alone and inside mixed-length batches (the batch-invariance gate); None: not measured "
+        "(schema 1-2), so --precision auto does not serve it as int8")
+    quantization: str | None = Field(
+        default=None, description="how an int8 artifact was quantized, e.g. 'MatMulNBits "
+        "8-bit, block 128, int8 activations per row'")
+    fused_ops: dict[str, int] = Field(
+        default_factory=dict,
+        description="fused ONNX Runtime ops in the graph (Attention, SkipLayerNormalization, "
+        "...) and how many; empty: the exporter's plain graph")
 
 
 class PrecisionEvaluation(_Strict):
@@ -136,8 +149,17 @@ class TrainingSummary(_Strict):
     test_macro_f1: float
 
 
+class ComputeCost(_Strict):
+    """What one token costs the model, read from the fp32 graph at export: the server sizes
+    each model's ONNX Runtime thread pool by it."""
+
+    weight_flops_per_token: int = Field(
+        ge=0, description="2 x multiply-adds by weights per token (MatMul, Gemm, LSTM, "
+        "Attention); activation x activation products, which grow with length, not counted")
+
+
 class Manifest(_Strict):
-    schema_version: Literal[1, 2] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     version: int = Field(gt=0)
     architecture: str
@@ -151,6 +173,7 @@ class Manifest(_Strict):
     evaluation_slice: EvaluationSlice | None = None
     training: TrainingSummary | None = Field(default=None, description="None: imported")
     source: ModelSource | None = None
+    compute: ComputeCost | None = Field(default=None, description="None: schema 1-2")
     created_at: datetime
     source_commit: str | None = None
 
