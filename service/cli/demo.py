@@ -104,6 +104,13 @@ def compare(client: Any, address: str) -> None:
         f"{m.name} v{m.version} ({m.architecture}, {m.precision} on {m.device})"
         for m in models.values()))
     names = [name for name in DEFAULT_MODELS if name in models]
+    print("\nwhat each model is served as, and why:")
+    for name in names:
+        model = models[name]
+        print(f"  {name}: {model.precision_reason or model.precision}; "
+              f"{model.intra_op_threads} ORT thread(s), {model.intra_op_threads_reason}"
+              + (f"; fused: {', '.join(f'{op} x{n}' for op, n in model.fused_ops.items())}"
+                 if model.fused_ops else ""))
     print("\n" + "text".ljust(60) + "".join(n.ljust(24) for n in names))
     answers = {name: client.classify(EXAMPLES, model=name).results for name in names}
     for index, text in enumerate(EXAMPLES):
@@ -111,8 +118,8 @@ def compare(client: Any, address: str) -> None:
                         for n in names)
         print((text[:57] + "...").ljust(60) + cells)
 
-    print("\narchitecture   accuracy fp32 / fp16 / int8   p50 ms   p99 ms   texts/s (32 callers)"
-          "   mean batch")
+    print("\narchitecture   served   accuracy fp32 / fp16 / int8   p50 ms   p99 ms   "
+          "texts/s (32 callers)   mean batch")
     for name in names:
         model = models[name]
         evaluation = model.evaluation
@@ -120,7 +127,8 @@ def compare(client: Any, address: str) -> None:
                               if f"{p}_accuracy" in evaluation else "  -   "
                               for p in ("fp32", "fp16", "int8"))
         figures = measure(client, name, EXAMPLES * 8)
-        print(f"{model.architecture:<14} {accuracy:<26}  {figures['p50_ms']:6.2f}   "
+        print(f"{model.architecture:<14} {model.precision:<8} {accuracy:<26}  "
+              f"{figures['p50_ms']:6.2f}   "
               f"{figures['p99_ms']:6.2f}   {figures['texts_per_s']:10.0f}             "
               f"{figures['mean_batch']:.1f}")
 

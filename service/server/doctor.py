@@ -33,6 +33,7 @@ from service.repo.layout import (
     verify_file,
 )
 from service.repo.manifest import Manifest, ManifestError
+from service.repo.serving_config import ServingConfig, read_serving_config
 from service.repo.tokenization import TextTokenizer
 from service.server import cuda_libraries
 from service.server.device_gate import (
@@ -45,6 +46,7 @@ from service.server.device_gate import (
 )
 from service.server.ort_logging import quiet_ort_logging
 from service.server.placement import Placement, read_placement
+from service.server.runtime import choose_artifact, effective_precision
 from service.server.sessions import (
     CUDA,
     ModelSession,
@@ -54,6 +56,7 @@ from service.server.sessions import (
     session_options,
 )
 from service.server.settings import ServeSettings
+from service.server.threads import choose_threads
 
 SWEEP_BATCHES = (1, 8, 32)
 SWEEP_TOKENS = (16, 64, 256)
@@ -228,7 +231,8 @@ def _examine(settings: ServeSettings, name: str, device: str, runs: int,
         if session is not None:
             sessions[artifact.precision] = session
     _measure(report, sessions, tokenizer, data, runs)
-    _decide(report, settings, device, data)
+    _decide(report, settings, device, data, manifest,
+            read_serving_config(model.directory.parent))
     return report
 
 
@@ -237,8 +241,11 @@ def _open(settings: ServeSettings, model: ModelVersion, precision: str, manifest
     artifact = manifest.artifact(precision)  # type: ignore[arg-type]
     try:
         path = str(verify_artifact(model, artifact))  # type: ignore[arg-type]
+        threads = choose_threads(manifest, setting=settings.intra_op_threads,
+                                 config=read_serving_config(model.directory.parent),
+                                 cuda=device == "cuda")
         with quiet_ort_logging():
-            raw = factory(path, session_options(settings, cuda=device == "cuda"),
+            raw = factory(path, session_options(settings, threads=threads.threads),
                           providers_for(device, settings))
     except Exception as exc:  # ORT's own exception types, integrity errors
         entry.error = f"session: {type(exc).__name__}: {exc}".splitlines()[0]
@@ -301,7 +308,8 @@ def sweep(session: ModelSession, max_length: int, vocab_size: int, runs: int
 
 
 def _decide(report: ModelReport, settings: ServeSettings, device: str,
-            data: EvaluationSliceData | None) -> None:
+            data: EvaluationSliceData | None, manifest: Manifest,
+            config: ServingConfig) -> None:
     """What ``seqserve serve --device POLICY`` (precision auto) would serve, and what would make
     ``--device cuda`` refuse the model: a problem with fp32 or a gated fp16, the sessions it
     opens there (int8 is never served on CUDA)."""
@@ -316,7 +324,13 @@ def _decide(report: ModelReport, settings: ServeSettings, device: str,
             if entry.error:
                 report.problems.append(f"{entry.precision}: {entry.error}")
     if device != "cuda":
-        report.served = "fp32 on cpu" if fp32 is not None and not fp32.error else "nothing"
+        # The server's own choice (runtime.choose_artifact), so the two cannot disagree.
+        precision, source = effective_precision(settings, config)
+        artifact, reason = choose_artifact(manifest, precision, "cpu", source=source)
+        entry = by_precision.get(artifact.precision) if artifact is not None else None
+        report.served = (f"{artifact.precision} on cpu — {reason}"
+                         if artifact is not None and entry is not None and not entry.error
+                         else f"nothing ({reason or 'the session failed'})")
         return
     if settings.device == "cuda" and report.problems:
         report.served = "nothing: `seqserve serve --device cuda` refuses it"

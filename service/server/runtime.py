@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from service.repo.layout import ModelVersion, verify_artifact, verify_file
 from service.repo.manifest import PRECISIONS, Artifact, Manifest, ManifestError, Precision
+from service.repo.serving_config import ServingConfig, read_serving_config
 from service.repo.tokenization import TextTokenizer
 from service.server import cuda_libraries
 from service.server.device_gate import (
@@ -48,9 +49,11 @@ from service.server.sessions import (
     warm_up,
 )
 from service.server.settings import ServeSettings
+from service.server.threads import choose_threads
 
 __all__ = ["CPU", "CUDA", "LoadError", "LoadedVersion", "ModelSession", "SessionBuilder",
-           "length_buckets", "load_version", "plan_attempts", "session_options"]
+           "choose_artifact", "length_buckets", "load_version", "plan_attempts",
+           "session_options"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +62,12 @@ log = logging.getLogger(__name__)
 class Attempt:
     device: str  # "cpu" or "cuda"
     artifact: Artifact
+    reason: str = ""  # why this artifact, one line (GetModel's precision_reason)
 
 
 def plan_attempts(
-    manifest: Manifest, settings: ServeSettings, available: Sequence[str]
+    manifest: Manifest, settings: ServeSettings, available: Sequence[str],
+    config: ServingConfig | None = None,
 ) -> list[Attempt]:
     """The (device, artifact) pairs to try, in order; raises LoadError when none can work."""
     if settings.device == "cuda" and CUDA not in available:
@@ -73,43 +78,87 @@ def plan_attempts(
     devices = ["cpu"] if settings.device == "cpu" or CUDA not in available else ["cuda"]
     if settings.device == "auto" and devices == ["cuda"]:
         devices.append("cpu")
+    precision, source = effective_precision(settings, config or ServingConfig())
     attempts = []
     for device in devices:
-        artifact = _choose_artifact(manifest, settings.precision, device)
+        artifact, reason = choose_artifact(manifest, precision, device, source=source)
         if artifact is not None:
-            attempts.append(Attempt(device, artifact))
+            attempts.append(Attempt(device, artifact, reason))
     if not attempts:
         have = ", ".join(f"{a.precision} (gates {'passed' if a.passed_gates else 'failed'})"
                          for a in manifest.artifacts)
         raise LoadError(
             f"{manifest.name}/{manifest.version}: no servable artifact for precision="
-            f"{settings.precision} (artifacts: {have}); force --precision to serve one that "
+            f"{precision} (artifacts: {have}); force --precision to serve one that "
             "failed its gates"
         )
     return attempts
 
 
+def effective_precision(settings: ServeSettings, config: ServingConfig) -> tuple[str, str]:
+    """The precision policy for one model and where it came from: its ``serving.json``
+    overrides ``--precision``."""
+    if config.precision is not None:
+        return config.precision, "serving.json"
+    return settings.precision, "--precision"
+
+
 # Which gated artifact each policy tries first, per device. fp16 pays only on a GPU: on CPU ORT
-# casts back to fp32 around most ops. int8 (dynamic quantization) has kernels on CPU only, and
-# loses a little accuracy, so it is served only when the operator opts in with auto-int8.
+# casts back to fp32 around most ops. int8 has kernels on CPU only; auto serves it there when
+# it passed every gate, batch invariance included (a manifest that predates that gate, schema
+# 1-2, gets fp32). auto-int8 also takes an int8 artifact without a batch-invariance record.
 PREFERENCES: dict[tuple[str, str], tuple[Precision, ...]] = {
     ("auto", "cuda"): ("fp16", "fp32"),
-    ("auto", "cpu"): ("fp32", "fp16"),
+    ("auto", "cpu"): ("int8", "fp32", "fp16"),
     ("auto-int8", "cuda"): ("fp16", "fp32"),
     ("auto-int8", "cpu"): ("int8", "fp32", "fp16"),
 }
 
 
-def _choose_artifact(manifest: Manifest, precision: str, device: str) -> Artifact | None:
+def choose_artifact(manifest: Manifest, precision: str, device: str, *,
+                    source: str = "--precision") -> tuple[Artifact | None, str]:
+    """The artifact a policy serves on ``device`` and why (one line); (None, why) if none.
+    The server and ``seqserve doctor`` both decide here."""
     if precision in PRECISIONS:
         # Forced: served even when it failed its gates (the operator asked for it).
-        return manifest.artifact(precision)  # type: ignore[arg-type]
-    order = PREFERENCES[(precision, device)]
-    for wanted in order:
+        artifact = manifest.artifact(precision)  # type: ignore[arg-type]
+        return artifact, f"{precision}: forced by {source} {precision}"
+    skipped = []
+    for wanted in PREFERENCES[(precision, device)]:
         artifact = manifest.artifact(wanted)
-        if artifact is not None and artifact.passed_gates:
-            return artifact
+        refusal = _refusal(artifact, wanted, precision)
+        if refusal is None:
+            assert artifact is not None
+            because = f" ({'; '.join(skipped)})" if skipped else ""
+            return artifact, f"{wanted}: {_merit(artifact, manifest)}{because}"
+        if wanted != "fp16" or device == "cuda":
+            skipped.append(refusal)
+    return None, "; ".join(skipped)
+
+
+def _refusal(artifact: Artifact | None, precision: str, policy: str) -> str | None:
+    """Why ``policy`` will not serve ``artifact``, or None if it will."""
+    if artifact is None:
+        return f"no {precision} artifact"
+    if not artifact.passed_gates:
+        return f"{precision} failed its export gates"
+    if precision == "int8" and policy == "auto" and artifact.batch_max_abs_diff is None:
+        return "int8 predates the batch-invariance gate (re-export it)"
     return None
+
+
+def _merit(artifact: Artifact, manifest: Manifest) -> str:
+    if artifact.precision == "fp32":
+        return "the reference precision"
+    evaluation = manifest.evaluation
+    parts = ["passed its export gates"]
+    if evaluation is not None and artifact.precision == "int8" and evaluation.int8 is not None:
+        drop = (evaluation.fp32.accuracy - evaluation.int8.accuracy) * 100
+        parts.append(f"agreement {evaluation.int8_agreement or 0:.3f}, accuracy "
+                     f"{'-' if drop > 0 else '+'}{abs(drop):.2f} points")
+    if artifact.batch_max_abs_diff is not None:
+        parts.append(f"batch-invariant to {artifact.batch_max_abs_diff:.0e}")
+    return ", ".join(parts)
 
 
 class CudaUnavailable(Exception):
@@ -157,10 +206,11 @@ class SessionBuilder:
         return (self.settings.device != "cpu" and CUDA in self.available
                 and self.cuda_failure is None and self._cuda_libraries().usable)
 
-    def create(self, model: ModelVersion, manifest: Manifest,
-               tokenizer: TextTokenizer) -> ModelSession:
+    def create(self, model: ModelVersion, manifest: Manifest, tokenizer: TextTokenizer,
+               config: ServingConfig | None = None) -> ModelSession:
         """A verified, warmed-up session; raises LoadError (or ManifestError) when none can
-        be served under the policy."""
+        be served under the policy (``config``: the model's serving.json overrides)."""
+        config = config or ServingConfig()
         available = list(self.available)
         fallback = self.cuda_failure if self.settings.device == "auto" else None
         if fallback is not None:
@@ -169,14 +219,14 @@ class SessionBuilder:
             fallback = CudaUnavailable(
                 f"this onnxruntime has no {CUDA} (available: {', '.join(available)}); "
                 "install seqserve[gpu] on Linux x86_64", "no_cuda_provider", sticky=True)
-        for attempt in plan_attempts(manifest, self.settings, available):
+        for attempt in plan_attempts(manifest, self.settings, available, config):
             if not attempt.artifact.passed_gates:
                 log.warning("%s/%s: serving %s, which failed its export gates (forced)",
                             model.name, model.version, attempt.artifact.precision)
             if attempt.device == "cpu":
-                return self._on_cpu(model, manifest, attempt.artifact, fallback)
+                return self._on_cpu(model, manifest, attempt, fallback, config)
             try:
-                return self._on_cuda(model, manifest, attempt.artifact, tokenizer)
+                return self._on_cuda(model, manifest, attempt, tokenizer, config)
             except CudaUnavailable as failure:
                 fallback = self._cuda_failed(model, failure)
         reason = f": {fallback.reason}" if fallback else ""
@@ -195,16 +245,22 @@ class SessionBuilder:
                 "cuda` explains)", model.name, model.version, failure.reason)
         return failure
 
-    def _on_cpu(self, model: ModelVersion, manifest: Manifest, artifact: Artifact,
-                fallback: CudaUnavailable | None) -> ModelSession:
+    def _on_cpu(self, model: ModelVersion, manifest: Manifest, attempt: Attempt,
+                fallback: CudaUnavailable | None, config: ServingConfig) -> ModelSession:
+        artifact = attempt.artifact
         path = str(verify_artifact(model, artifact))
-        raw = self.factory(path, session_options(self.settings), providers_for("cpu",
-                                                                                self.settings))
+        threads = choose_threads(manifest, setting=self.settings.intra_op_threads,
+                                 config=config)
+        raw = self.factory(path, session_options(self.settings, threads=threads.threads),
+                           providers_for("cpu", self.settings))
         selection = DeviceSelection(
             fallback_reason=fallback.reason if fallback else "",
             fallback_kind=fallback.kind if fallback else "",
             libraries=fallback.libraries if fallback else (),
-            placement=read_placement(raw, path))
+            placement=read_placement(raw, path), precision_reason=attempt.reason,
+            threads=threads.threads, threads_reason=threads.reason)
+        log.info("%s/%s on cpu: %s; %d intra-op threads (%s)", model.name, model.version,
+                 attempt.reason, threads.threads, threads.reason)
         session = ModelSession(raw, "cpu", artifact.precision, path=path, selection=selection)
         self._warm_up(session, manifest)
         return session
@@ -215,17 +271,27 @@ class SessionBuilder:
             self._libraries = self.probe_libraries()
         return self._libraries
 
-    def _on_cuda(self, model: ModelVersion, manifest: Manifest, artifact: Artifact,
-                 tokenizer: TextTokenizer) -> ModelSession:
+    def _on_cuda(self, model: ModelVersion, manifest: Manifest, attempt: Attempt,
+                 tokenizer: TextTokenizer, config: ServingConfig) -> ModelSession:
         libraries = self._cuda_libraries()
         if not libraries.usable:
             raise _library_failure(libraries)
-        session = self._open_cuda(model, artifact)
-        gate, session = self._regate(model, manifest, artifact, session, tokenizer)
+        artifact = attempt.artifact
+        threads = choose_threads(manifest, setting=self.settings.intra_op_threads,
+                                 config=config, cuda=True)
+        session = self._open_cuda(model, artifact, threads.threads)
+        forced = effective_precision(self.settings, config)[0] in PRECISIONS
+        gate, session = self._regate(model, manifest, artifact, session, tokenizer,
+                                     threads.threads, forced=forced)
         loaded = tuple((s.library.soname, True) for s in libraries.statuses
                        if s.library.required)
+        reason = attempt.reason
+        if gate is not None and not gate.passed:
+            reason = f"fp32: {artifact.precision} failed its re-gate on the device"
         session.selection = DeviceSelection(libraries=loaded, gate=gate,
-                                            placement=session.selection.placement)
+                                            placement=session.selection.placement,
+                                            precision_reason=reason, threads=threads.threads,
+                                            threads_reason=threads.reason)
         try:
             self._warm_up(session, manifest)
         except LoadError:
@@ -235,13 +301,14 @@ class SessionBuilder:
                                   "cuda_run_error", sticky=False) from exc
         return session
 
-    def _open_cuda(self, model: ModelVersion, artifact: Artifact) -> ModelSession:
+    def _open_cuda(self, model: ModelVersion, artifact: Artifact, threads: int
+                   ) -> ModelSession:
         path = str(verify_artifact(model, artifact))
         # Under auto ORT's multi-line red error would alarm for nothing: the reason is
         # reported in one line instead. --device cuda keeps ORT's diagnostics.
         with quiet_ort_logging(self.settings.device == "auto"):
             try:
-                raw = self.factory(path, session_options(self.settings, cuda=True),
+                raw = self.factory(path, session_options(self.settings, threads=threads),
                                    providers_for("cuda", self.settings))
             except Exception as exc:  # ORT raises its own Fail/RuntimeException types
                 raise CudaUnavailable(f"creating the CUDA session failed: {_one_line(exc)}",
@@ -265,12 +332,12 @@ class SessionBuilder:
                             selection=DeviceSelection(placement=placement))
 
     def _regate(self, model: ModelVersion, manifest: Manifest, artifact: Artifact,
-                candidate: ModelSession, tokenizer: TextTokenizer
-                ) -> tuple[DeviceGateResult | None, ModelSession]:
+                candidate: ModelSession, tokenizer: TextTokenizer, threads: int, *,
+                forced: bool) -> tuple[DeviceGateResult | None, ModelSession]:
         """fp16 under an auto policy is re-gated against fp32 on this device: the result, and
         the session to serve (the candidate if it passed, else the fp32 one)."""
         precision = artifact.precision
-        if self.settings.precision in PRECISIONS or precision == "fp32":
+        if forced or precision == "fp32":
             return None, candidate  # forced precisions are served as asked
         thresholds = GateThresholds(self.settings.device_gate_min_agreement,
                                     self.settings.device_gate_max_accuracy_drop)
@@ -280,7 +347,7 @@ class SessionBuilder:
             raise LoadError(f"{where}: no gated fp32 artifact to re-gate {precision} against "
                             "on CUDA; force --precision to serve it unchecked")
         data = read_evaluation_slice(model, manifest)
-        reference = self._open_cuda(model, fp32)
+        reference = self._open_cuda(model, fp32, threads)
         if data is None:
             result = not_measured(precision, thresholds, "no evaluation slice in the manifest "
                                   f"to re-gate {precision} on this device")
@@ -329,7 +396,8 @@ def load_version(
         spec = manifest.tokenizer
         tokenizer = TextTokenizer.from_file(
             verify_file(model.directory, spec.file, spec.sha256), spec.max_length, spec.pad_id)
-        session = builder.create(model, manifest, tokenizer)
+        config = read_serving_config(model.directory.parent)
+        session = builder.create(model, manifest, tokenizer, config)
     except (ManifestError, LoadError):
         raise
     except Exception as exc:  # ORT and tokenizers errors: keep the reason, one line

@@ -1,8 +1,8 @@
 """ONNX Runtime sessions as the server runs them: options per device, the wrapper, warm-up.
 
-CUDA sessions get their own options: one intra-op thread (the CPU runs only ORT's shape
-arithmetic there, and a pool of every core per session just competes with the event loop and
-gRPC threads), TF32 off unless asked for (on Ampere and later it makes fp32 MatMul/Gemm round
+Each session's intra-op thread count is decided per model (``threads.py``: by compute per
+token on CPU, one on CUDA, where the CPU runs only ORT's shape arithmetic). CUDA sessions get
+TF32 off unless asked for (on Ampere and later it makes fp32 MatMul/Gemm round
 to 10 mantissa bits, and the export's 1e-4 parity no longer holds), and the arena settings,
 which matter because a hot reload holds two versions of a model on the GPU at once.
 
@@ -14,7 +14,6 @@ one path, on every device.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,8 +38,6 @@ from service.server.settings import ServeSettings
 
 CUDA = CUDA_PROVIDER
 CPU = CPU_PROVIDER
-# A CUDA session's CPU work is shape arithmetic on a few int64 values: one thread is plenty.
-CUDA_INTRA_OP_THREADS = 1
 # Why a model that could have run on CUDA runs on CPU: closed set, the metric's label values.
 FALLBACK_REASONS = (
     "no_cuda_provider",  # this onnxruntime build has no CUDA provider (CPU wheel)
@@ -75,22 +72,14 @@ def ort_session_factory(
     return open_session(path, options, providers)
 
 
-def session_options(settings: ServeSettings, *, cuda: bool = False) -> ort.SessionOptions:
-    """The server's session options; 0 intra-op threads: ``cpu_threads()`` on CPU, 1 on CUDA."""
-    intra = settings.intra_op_threads or (CUDA_INTRA_OP_THREADS if cuda else cpu_threads())
+def session_options(settings: ServeSettings, *, threads: int) -> ort.SessionOptions:
+    """The server's session options with ``threads`` intra-op threads (``threads.py``)."""
     options = graph_session_options(
-        intra_op_threads=intra, inter_op_threads=settings.inter_op_threads,
+        intra_op_threads=threads, inter_op_threads=settings.inter_op_threads,
         optimization=settings.graph_optimization, allow_spinning=settings.allow_spinning)
     cpu_memory.apply(options, settings.cpu_arena)
     enable_recording(options)
     return options
-
-
-def cpu_threads() -> int:
-    """Intra-op threads for CPU sessions: one per core this process may use, but one, which is
-    left to the event loop (gRPC, batching, tokenizing): on 2 cores that one thread gave the
-    lowest one-caller latency and CPU per text (README "Serving overhead")."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def cuda_provider_options(settings: ServeSettings) -> dict[str, str]:
@@ -119,6 +108,9 @@ class DeviceSelection:
     libraries: tuple[tuple[str, bool], ...] = ()  # (soname, loaded) when CUDA was probed
     gate: DeviceGateResult | None = None
     placement: Placement = field(default_factory=lambda: Placement(error="not recorded"))
+    precision_reason: str = ""  # why this artifact: "int8 passed its gates (...)", ...
+    threads: int = 0  # ORT intra-op threads (0: not recorded)
+    threads_reason: str = ""
 
 
 class ModelSession:

@@ -13,6 +13,8 @@ from harness.tiny_models import LSTM_NAME, PRETRAINED_NAME, TRANSFORMER_NAME
 
 from service.cli.exit_codes import ExitCode
 from service.cli.main import main
+from service.repo.layout import latest_version
+from service.server.runtime import choose_artifact
 
 DEFAULT_NAMES = {LSTM_NAME: "sentiment-lstm", TRANSFORMER_NAME: "sentiment-transformer",
                  PRETRAINED_NAME: "sentiment-pretrained"}
@@ -34,13 +36,22 @@ def test_demo_serves_classifies_compares_and_drains(three_architectures, tmp_pat
                           str(repository)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     out = run.stdout
-    assert "sentiment-lstm v1 (lstm, fp32 on cpu)" in out
-    assert "sentiment-transformer v1 (transformer, fp32 on cpu)" in out
-    assert "sentiment-pretrained v1 (pretrained, fp32 on cpu)" in out
-    # One comparison row per architecture, with a throughput figure.
+    # Each model at the precision the CPU policy picks for it, and the reason, said.
+    served = {name: choose_artifact(latest_version(repository, name).load_manifest(), "auto",
+                                    "cpu") for name in DEFAULT_NAMES.values()}
+    for name, architecture in (("sentiment-lstm", "lstm"),
+                               ("sentiment-transformer", "transformer"),
+                               ("sentiment-pretrained", "pretrained")):
+        artifact, why = served[name]
+        assert f"{name} v1 ({architecture}, {artifact.precision} on cpu)" in out
+        assert f"  {name}: {why}; " in out
+    assert served["sentiment-lstm"][0].precision == "fp32"  # no int8 for the LSTM
+    # One comparison row per architecture, with its precision and a throughput figure.
     rows = [line.split() for line in out.splitlines()
             if line.startswith(("lstm ", "transformer ", "pretrained "))]
     assert [row[0] for row in rows] == ["lstm", "transformer", "pretrained"]
+    assert [row[1] for row in rows] == [served[f"sentiment-{row[0]}"][0].precision
+                                        for row in rows]
     assert all(float(row[-2]) > 0 for row in rows)
     assert "server drained and stopped (exit code 0)" in out
 

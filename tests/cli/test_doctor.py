@@ -17,6 +17,7 @@ from service.repo.layout import latest_version
 from service.server.cuda_libraries import probe
 from service.server.doctor import run_doctor
 from service.server.doctor_text import render
+from service.server.runtime import choose_artifact
 from service.server.sessions import CPU, CUDA
 
 CUDA_WORKS_HERE = CUDA in ort.get_available_providers() and probe().usable
@@ -38,18 +39,21 @@ def test_doctor_on_this_machine_reports_every_model_and_precision(
     for model in report["models"]:
         manifest = latest_version(tiny_repository, model["name"]).load_manifest()
         precisions = {p["precision"]: p for p in model["precisions"]}
-        assert set(precisions) == {"fp32", "fp16", "int8"}
+        assert set(precisions) == {a.precision for a in manifest.artifacts}
+        assert {"fp32", "fp16"} <= set(precisions)
         device = "cuda:0" if CUDA_WORKS_HERE else "cpu"
         assert precisions["fp32"]["device"] == device and not precisions["fp32"]["error"]
         assert precisions["fp32"]["placement"]["nodes"]  # ORT told where every node went
-        for lower in ("fp16", "int8"):
+        for lower in set(precisions) - {"fp32"}:
             figures = precisions[lower]["vs_fp32"]
             assert figures["examples"] == manifest.evaluation_slice.examples
             assert figures["agreement"] >= 0.95 and figures["non_finite_rows"] == 0
         # Only lengths the model takes: both tiny models stop below 64 tokens.
         assert set(precisions["fp32"]["latency_ms"]) == {"1x16", "8x16", "32x16"}
         assert all(ms > 0 for ms in precisions["fp32"]["latency_ms"].values())
-        assert model["served"].startswith("fp16 on cuda" if CUDA_WORKS_HERE else "fp32 on cpu")
+        on_cpu = choose_artifact(manifest, "auto", "cpu")[0].precision  # the server's choice
+        assert model["served"].startswith("fp16 on cuda" if CUDA_WORKS_HERE
+                                          else f"{on_cpu} on cpu")
 
 
 @no_gpu_only
@@ -98,7 +102,8 @@ def test_device_cpu_and_usage_errors(tiny_repository: Path,
 
 
 def _fake_doctor(repo: Path, factory: FakeCudaFactory, device: str = "cuda"):
-    return run_doctor(server_settings(repo, device=device), runs=1, models=[LSTM_NAME,
+    return run_doctor(server_settings(repo, device=device, precision="auto"), runs=1,
+                      models=[LSTM_NAME,
                                                                             TRANSFORMER_NAME],
                       factory=factory, probe=library_report, available=[CUDA, CPU])
 

@@ -38,6 +38,9 @@ def server_settings(repository: Path, **overrides: Any) -> Any:
         repository=repository, host=LOOPBACK, port=0, metrics_port=0, metrics_host=LOOPBACK,
         device="cpu", poll_interval_s=0, drain_grace_s=5, intra_op_threads=1,
         inter_op_threads=1, max_batch_delay_ms=5,
+        # The server tests compare answers with in-process fp32; the precision policy has
+        # its own tests (tests/server/test_precision_policy.py).
+        precision="fp32",
     )
     return ServeSettings(**(defaults | overrides))
 

@@ -22,7 +22,14 @@ from service.repo.manifest import MANIFEST_FILE
 from service.server.cuda_libraries import DriverStatus
 from service.server.metrics import ServingMetrics
 from service.server.registry import ModelRegistry
-from service.server.runtime import CPU, CUDA, LoadedVersion, LoadError, SessionBuilder
+from service.server.runtime import (
+    CPU,
+    CUDA,
+    LoadedVersion,
+    LoadError,
+    SessionBuilder,
+    choose_artifact,
+)
 from service.server.runtime import load_version as real_load_version
 from service.server.transport.native import to_model_info
 
@@ -30,7 +37,8 @@ from service.server.transport.native import to_model_info
 def _builder(repo: Path, factory: FakeCudaFactory, *, report: Any = None,
              **settings: Any) -> SessionBuilder:
     reports = report if callable(report) else (lambda: report or library_report())
-    return SessionBuilder(server_settings(repo, **({"device": "auto"} | settings)), factory,
+    return SessionBuilder(server_settings(repo, **({"device": "auto", "precision": "auto"}
+                                                   | settings)), factory,
                           [CUDA, CPU], probe_libraries=reports)
 
 
@@ -114,8 +122,11 @@ def test_a_missing_library_is_named_and_cuda_is_not_even_tried(tiny_repository: 
     builder = _builder(tiny_repository, factory, report=probe)
     first = _load(tiny_repository, builder).session
     second = _load(tiny_repository, builder, TRANSFORMER_NAME).session
-    for session in (first, second):
-        assert (session.device, session.precision) == ("cpu", "fp32")
+    for session, name in ((first, LSTM_NAME), (second, TRANSFORMER_NAME)):
+        # On the CPU fallback, what auto serves on CPU (int8 where its gates passed).
+        manifest = latest_version(tiny_repository, name).load_manifest()
+        expected = choose_artifact(manifest, "auto", "cpu")[0].precision
+        assert (session.device, session.precision) == ("cpu", expected)
         assert "libcublasLt.so.13" in session.selection.fallback_reason
         assert "nvidia-cublas" in session.selection.fallback_reason
         assert session.selection.fallback_kind == "missing_cuda_library"

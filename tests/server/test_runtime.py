@@ -23,6 +23,7 @@ from service.cli.exit_codes import CommandError
 from service.cli.serve import add_serve_command, settings_from_args
 from service.repo.layout import latest_version
 from service.repo.manifest import Manifest
+from service.repo.serving_config import ServingConfig
 from service.repo.tokenization import TextTokenizer
 from service.server.cuda_libraries import probe
 from service.server.runtime import (
@@ -38,11 +39,14 @@ from service.server.runtime import (
 )
 from service.server.sessions import FALLBACK_REASONS, cuda_provider_options, providers_for
 from service.server.settings import ServeSettings, ShadowRule
+from service.server.threads import choose_threads
 
 
 def _build(repo: Path, cuda: str, available=(CUDA, CPU), **settings: Any):
     factory = FakeCudaFactory(cuda)
-    builder = SessionBuilder(server_settings(repo, **settings), factory, list(available),
+    # The precision policy under test, not the harness's fp32 pin.
+    builder = SessionBuilder(server_settings(repo, **({"precision": "auto"} | settings)),
+                             factory, list(available),
                              probe_libraries=library_report)
     model = latest_version(repo, LSTM_NAME)
     manifest = model.load_manifest()
@@ -107,7 +111,8 @@ def _gated(manifest: Manifest, fp32: bool, fp16: bool, int8: bool = True) -> Man
 
 
 def _plan(manifest: Manifest, available: list[str], **settings: Any) -> list[tuple[str, str]]:
-    plan = plan_attempts(manifest, server_settings(Path("."), **settings), available)
+    plan = plan_attempts(manifest, server_settings(Path("."), **({"precision": "auto"}
+                                                                | settings)), available)
     return [(a.device, a.artifact.precision) for a in plan]
 
 
@@ -123,22 +128,6 @@ def test_only_artifacts_that_passed_their_gates_are_served_unless_forced(
         ("cpu", "fp16")]
 
 
-def test_int8_is_served_on_cpu_only_when_asked_for_and_gated(tiny_repository: Path) -> None:
-    manifest = latest_version(tiny_repository, LSTM_NAME).load_manifest()
-    cpu, cuda = [CPU], [CUDA, CPU]
-    assert _plan(_gated(manifest, True, True), cpu, device="auto") == [("cpu", "fp32")]
-    assert _plan(_gated(manifest, True, True), cpu, device="auto",
-                 precision="auto-int8") == [("cpu", "int8")]
-    # A failed int8 gate: auto-int8 falls back to fp32; forcing int8 still serves it.
-    assert _plan(_gated(manifest, True, True, int8=False), cpu, device="auto",
-                 precision="auto-int8") == [("cpu", "fp32")]
-    assert _plan(_gated(manifest, True, True, int8=False), cpu, device="cpu",
-                 precision="int8") == [("cpu", "int8")]
-    # On a GPU auto-int8 is plain auto: fp16 there, int8 only for the CPU fallback.
-    assert _plan(_gated(manifest, True, True), cuda, device="auto", precision="auto-int8") == [
-        ("cuda", "fp16"), ("cpu", "int8")]
-
-
 def test_cuda_sessions_run_through_the_plain_run_path(tiny_repository: Path) -> None:
     """No IOBinding: a CUDA session is run exactly like a CPU one (see sessions.py)."""
     model = latest_version(tiny_repository, LSTM_NAME)
@@ -152,7 +141,7 @@ def test_real_onnxruntime_on_this_machine(tiny_repository: Path) -> None:
     """Real providers, and the outcome predicted from the machine before loading: with no GPU
     device node (CI), auto lands on CPU + fp32 even where onnxruntime-gpu lists CUDA."""
     gpu_present = any(Path("/dev").glob("nvidia[0-9]*"))
-    settings = server_settings(tiny_repository, device="auto")
+    settings = server_settings(tiny_repository, device="auto", precision="auto")
     builder = SessionBuilder(settings)
     loaded = load_version(latest_version(tiny_repository, LSTM_NAME), settings, builder)
     expected = ("cuda:0", "fp16") if gpu_present else ("cpu", "fp32")
@@ -183,25 +172,25 @@ def test_the_library_probe_names_what_this_machine_lacks() -> None:
 
 def test_session_options_follow_the_settings(tiny_repository: Path) -> None:
     options = session_options(server_settings(
-        tiny_repository, intra_op_threads=3, inter_op_threads=2, allow_spinning=False))
+        tiny_repository, inter_op_threads=2, allow_spinning=False), threads=3)
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 2
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    spinning = session_options(server_settings(tiny_repository, allow_spinning=True))
+    spinning = session_options(server_settings(tiny_repository, allow_spinning=True), threads=1)
     assert spinning.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     assert options.get_session_config_entry("session.record_ep_graph_assignment_info") == "1"
 
 
 def test_cpu_arena_modes(tiny_repository: Path) -> None:
-    shared = session_options(server_settings(tiny_repository))  # the default
+    shared = session_options(server_settings(tiny_repository), threads=1)  # the default
     assert shared.get_session_config_entry("session.use_env_allocators") == "1"
     assert shared.enable_cpu_mem_arena
-    own = session_options(server_settings(tiny_repository, cpu_arena="session"))
+    own = session_options(server_settings(tiny_repository, cpu_arena="session"), threads=1)
     assert own.enable_cpu_mem_arena
     with pytest.raises(RuntimeError, match="use_env_allocators"):  # never set
         own.get_session_config_entry("session.use_env_allocators")
-    assert not session_options(server_settings(tiny_repository,
-                                               cpu_arena="off")).enable_cpu_mem_arena
+    assert not session_options(server_settings(tiny_repository, cpu_arena="off"),
+                               threads=1).enable_cpu_mem_arena
     # Sessions on the shared arena load and run.
     loaded = load_version(latest_version(tiny_repository, LSTM_NAME),
                           server_settings(tiny_repository), SessionBuilder(server_settings(
@@ -214,12 +203,16 @@ def test_cuda_sessions_get_one_thread_no_tf32_and_the_arena_settings(
         tiny_repository: Path) -> None:
     settings = server_settings(tiny_repository, intra_op_threads=0, cuda_device_id=1,
                                cuda_mem_limit_bytes=2 << 30)
-    assert session_options(settings, cuda=True).intra_op_num_threads == 1
-    # On CPU, every core this process may use but one, which is left to the event loop.
+    manifest = latest_version(tiny_repository, LSTM_NAME).load_manifest()
+    assert choose_threads(manifest, setting=0, config=ServingConfig(),
+                          cuda=True).threads == 1
+    # On CPU a light model gets every core this process may use but one (the event loop's).
     cores = len(os.sched_getaffinity(0))
-    assert session_options(settings).intra_op_num_threads == max(1, cores - 1)
-    assert session_options(settings.model_copy(update={"intra_op_threads": 4}),
-                           cuda=True).intra_op_num_threads == 4  # an explicit value wins
+    assert choose_threads(manifest, setting=0, config=ServingConfig()).threads == max(
+        1, cores - 1)
+    assert choose_threads(manifest, setting=4, config=ServingConfig(),
+                          cuda=True).threads == 4  # an explicit value wins
+    assert session_options(settings, threads=4).intra_op_num_threads == 4
     assert cuda_provider_options(settings) == {
         "device_id": "1", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested",
         "gpu_mem_limit": str(2 << 30)}

@@ -131,7 +131,7 @@ class GetModelResponse(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class Evaluation(_message.Message):
-    __slots__ = ("dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy", "fp16_macro_f1", "fp16_agreement", "onnx_vs_torch_max_abs_diff", "int8_accuracy", "int8_macro_f1", "int8_agreement")
+    __slots__ = ("dataset", "split", "examples", "fp32_accuracy", "fp32_macro_f1", "fp16_accuracy", "fp16_macro_f1", "fp16_agreement", "onnx_vs_torch_max_abs_diff", "int8_accuracy", "int8_macro_f1", "int8_agreement", "batch_max_abs_diff")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class Evaluation(_message.Message):
     INT8_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     INT8_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
     INT8_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     split: str
     examples: int
@@ -156,7 +157,8 @@ class Evaluation(_message.Message):
     int8_accuracy: float
     int8_macro_f1: float
     int8_agreement: float
-    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., examples: _Optional[int] = ..., fp32_accuracy: _Optional[float] = ..., fp32_macro_f1: _Optional[float] = ..., fp16_accuracy: _Optional[float] = ..., fp16_macro_f1: _Optional[float] = ..., fp16_agreement: _Optional[float] = ..., onnx_vs_torch_max_abs_diff: _Optional[float] = ..., int8_accuracy: _Optional[float] = ..., int8_macro_f1: _Optional[float] = ..., int8_agreement: _Optional[float] = ...) -> None: ...
+    batch_max_abs_diff: float
+    def __init__(self, dataset: _Optional[str] = ..., split: _Optional[str] = ..., examples: _Optional[int] = ..., fp32_accuracy: _Optional[float] = ..., fp32_macro_f1: _Optional[float] = ..., fp16_accuracy: _Optional[float] = ..., fp16_macro_f1: _Optional[float] = ..., fp16_agreement: _Optional[float] = ..., onnx_vs_torch_max_abs_diff: _Optional[float] = ..., int8_accuracy: _Optional[float] = ..., int8_macro_f1: _Optional[float] = ..., int8_agreement: _Optional[float] = ..., batch_max_abs_diff: _Optional[float] = ...) -> None: ...
 
 class FailedVersion(_message.Message):
     __slots__ = ("version", "reason")
@@ -167,7 +169,7 @@ class FailedVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes")
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes", "precision_reason", "intra_op_threads", "intra_op_threads_reason", "fused_ops")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,10 @@ class ModelInfo(_message.Message):
     DEVICE_GATE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     CPU_COMPUTE_NODES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_REASON_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    INTRA_OP_THREADS_REASON_FIELD_NUMBER: _ClassVar[int]
+    FUSED_OPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     available_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -208,7 +214,19 @@ class ModelInfo(_message.Message):
     device_gate: DeviceGate
     placement: _containers.RepeatedCompositeFieldContainer[NodePlacement]
     cpu_compute_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    precision_reason: str
+    intra_op_threads: int
+    intra_op_threads_reason: str
+    fused_ops: _containers.RepeatedCompositeFieldContainer[FusedOp]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., intra_op_threads_reason: _Optional[str] = ..., fused_ops: _Optional[_Iterable[_Union[FusedOp, _Mapping]]] = ...) -> None: ...
+
+class FusedOp(_message.Message):
+    __slots__ = ("op_type", "count")
+    OP_TYPE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    op_type: str
+    count: int
+    def __init__(self, op_type: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class NodePlacement(_message.Message):
     __slots__ = ("provider", "nodes")

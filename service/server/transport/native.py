@@ -104,6 +104,15 @@ def to_model_info(view: ModelView) -> pb.ModelInfo:
         info.evaluation.CopyFrom(to_evaluation(manifest.evaluation))
     selection = served.loaded.session.selection
     info.device_fallback_reason = selection.fallback_reason
+    info.precision_reason = selection.precision_reason
+    info.intra_op_threads = selection.threads
+    info.intra_op_threads_reason = selection.threads_reason
+    artifact = manifest.artifact(served.precision)  # type: ignore[arg-type]
+    if artifact is not None:
+        info.fused_ops.extend(pb.FusedOp(op_type=op, count=count)
+                              for op, count in sorted(artifact.fused_ops.items()))
+        if artifact.batch_max_abs_diff is not None and manifest.evaluation is not None:
+            info.evaluation.batch_max_abs_diff = artifact.batch_max_abs_diff
     info.placement.extend(pb.NodePlacement(provider=provider, nodes=count)
                           for provider, count in sorted(selection.placement.nodes.items()))
     info.cpu_compute_nodes.extend(selection.placement.cpu_compute_nodes)
