@@ -43,6 +43,9 @@ class BenchConfig:
     deadline_s: float
     texts: str
     spinning: list[bool | None]  # None: leave the server's setting alone
+    # Server --precision per start; the first is the primary run (cells, in-process, the
+    # report's speed sections), the others add points to the accuracy-cost frontier.
+    precisions: list[str] = field(default_factory=lambda: ["auto"])
     serve_args: list[str] = field(default_factory=list)
     in_process: bool = False
     inprocess_runs: int = 200
@@ -237,7 +240,14 @@ def run_bench(config: BenchConfig, warn: Warn) -> dict[str, Any]:
              "settings for the in-process baseline come from --serve-args")
     progress = Progress(config.progress)
     for mode, settings in settings_by_mode.items():
-        _run_mode(config, mode, settings, builder, document, progress, warn)
+        for index, precision in enumerate(config.precisions):
+            primary = index == 0
+            if not primary and config.server is not None:
+                warn("--precisions: a server bench did not start serves one precision; "
+                     "only the first is measured")
+                break
+            _run_mode(config, mode, settings, builder, document, progress, warn,
+                      precision=precision, primary=primary)
     progress.close()
     document["overhead"] = overhead_rows(document["cells"], document["inprocess"],
                                          config.overhead_concurrency)
@@ -256,23 +266,37 @@ def _new_document(config: BenchConfig, source: str) -> dict[str, Any]:
                     "loadavg_start": list(os.getloadavg())},
         "config": _config_json(config),
         "text_source": source, "warnings": [], "models": [], "runs": [], "cells": [],
-        "inprocess": [], "overhead": [],
+        "inprocess": [], "overhead": [], "precision_cells": [], "fp32_reference": [],
     }
 
 
 def _run_mode(config: BenchConfig, mode: bool | None, settings: Any, builder: TextBuilder,
-              document: dict[str, Any], progress: Progress, warn: Warn) -> None:
-    """One server start (or the given server) with one spinning mode: every cell, then the
-    in-process baseline while no server competes for the CPU."""
+              document: dict[str, Any], progress: Progress, warn: Warn, *,
+              precision: str = "auto", primary: bool = True) -> None:
+    """One server start (or the given server) with one spinning mode and precision: every
+    cell, then (primary run) the in-process baseline while no server competes for the CPU."""
     serve_args = ["--device", "cpu", *config.serve_args, *_spin_flags(mode)]
+    if config.server is None and "--precision" not in config.serve_args:
+        serve_args += ["--precision", precision]
+        if not primary:
+            # A forced precision refuses models without that artifact (the LSTM has no
+            # int8): serve the others rather than exit.
+            serve_args += ["--no-strict-startup"]
     child = (ChildServer(config.repository, serve_args, log_level=config.server_log_level)
              if config.server is None and config.repository is not None else None)
     target = child.start() if child is not None else config.server
     assert target is not None
     try:
         # A server bench started is seqserve: its own API describes the models fully.
-        models = _describe_models(target, config.models, config.deadline_s,
-                                  native=child is not None or config.protocol == "native")
+        native = child is not None or config.protocol == "native"
+        models = _describe_models(target, config.models if primary else [], config.deadline_s,
+                                  native=native)
+        if not primary:
+            wanted = config.models or [m["name"] for m in document["models"]]
+            models = [m for m in models if m.name in wanted]
+            if missing := sorted(set(wanted) - {m.name for m in models}):
+                warn(f"--precision {precision}: not served for {', '.join(missing)} (no "
+                     "such artifact)")
         texts = _texts(config, models, builder, warn)
         plans = cell_plans(config, [m.name for m in models])
         progress.add_total(sum(p.requests for p in plans))
@@ -287,9 +311,14 @@ def _run_mode(config: BenchConfig, mode: bool | None, settings: Any, builder: Te
         served = by_name[cell["model"]]
         cell.update(spinning=settings.allow_spinning, version=served.version,
                     architecture=served.architecture, precision=served.precision,
-                    device=served.device)
-    document["cells"] += cells
+                    device=served.device, precision_mode=precision,
+                    intra_op_threads=served.intra_op_threads)
+    document["cells" if primary else "precision_cells"] += cells
     document["runs"].append({
+        "precision": precision, "primary": primary,
+        "served": {m.name: {"precision": m.precision, "why": m.precision_reason,
+                            "intra_op_threads": m.intra_op_threads,
+                            "threads_why": m.intra_op_threads_reason} for m in models},
         "spinning": settings.allow_spinning, "self_started": child is not None,
         "target": target, "server_exit_code": stopped,
         "intra_op_threads": settings.intra_op_threads,
@@ -300,9 +329,11 @@ def _run_mode(config: BenchConfig, mode: bool | None, settings: Any, builder: Te
     })
     if not document["models"]:
         document["models"] = [_model_json(m) for m in models]
-    if config.in_process:
+    if config.in_process and primary:
         progress.describe("in-process baseline")
         document["inprocess"] += _inprocess(config, models, texts, cells, settings)
+        progress.describe("in-process fp32 reference")
+        document["fp32_reference"] += _fp32_reference(config, models, texts, cells, settings)
 
 
 def _texts(config: BenchConfig, models: list[ModelDescription], builder: TextBuilder,
@@ -345,9 +376,38 @@ def _inprocess(config: BenchConfig, models: list[ModelDescription],
     return rows
 
 
+def _fp32_reference(config: BenchConfig, models: list[ModelDescription],
+                    texts: dict[tuple[str, int], TextSet], cells: list[dict[str, Any]],
+                    settings: Any) -> list[dict[str, Any]]:
+    """What a user's own loop gets from the fp32 artifact in ONNX Runtime at each thread
+    count from 1 to every core, at the batch the server formed with many callers: the
+    yardstick the served default is held to (its best thread count)."""
+    rows = []
+    cores = max(1, len(os.sched_getaffinity(0)))
+    for model in models:
+        directory = _version_dir(config, model)
+        busy_cells = {length: loaded_cell(cells, settings.allow_spinning, model.name, length,
+                                          config.overhead_concurrency)
+                      for length in config.lengths}
+        if directory is None or not any(busy_cells.values()):
+            continue
+        for threads in range(1, cores + 1):
+            fp32 = settings.model_copy(update={"precision": "fp32", "intra_op_threads": threads})
+            loaded = load_model(directory, model.name, model.version, fp32)
+            for length, busy in busy_cells.items():
+                if busy is None:
+                    continue
+                row = measure(loaded, texts[(model.name, length)].texts, formed_batch(busy),
+                              runs=config.inprocess_runs, budget_s=config.duration_s)
+                rows.append({"length": length, "threads": threads,
+                             "served_texts_per_s": busy["texts_per_s"], **row})
+    return rows
+
+
 def _model_json(model: ModelDescription) -> dict[str, Any]:
     keys = ("name", "version", "architecture", "precision", "device", "max_length", "labels",
-            "evaluation")
+            "evaluation", "precision_reason", "intra_op_threads", "intra_op_threads_reason",
+            "fused_ops")
     return {key: getattr(model, key) for key in keys}
 
 

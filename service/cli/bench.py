@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LENGTHS = "16,64,256"
 DEFAULT_CONCURRENCY = "1,32"
+# auto is what the server serves by default (int8 where its gates passed, else fp32); fp32
+# beside it puts both precisions of each model on the frontier.
+DEFAULT_PRECISIONS = "auto,fp32"
+PRECISION_CHOICES = ("auto", "auto-int8", "fp32", "fp16", "int8")
 SPINNING_MODES: dict[str, list[bool | None]] = {
     "server": [None], "off": [False], "on": [True], "both": [False, True]}
 _TARGET = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
@@ -62,6 +66,10 @@ def add_bench_command(subparsers: argparse._SubParsersAction) -> None:
                        help="ORT spin-waiting of the started server: leave the server's setting "
                        "(server), off, on, or both (two server starts, both reported); "
                        "default: %(default)s")
+    where.add_argument("--precisions", default=DEFAULT_PRECISIONS, metavar="P[,P]",
+                       help="server --precision per start (auto, fp32, fp16, int8): the first "
+                       "is the main run, the others add points to the report's accuracy-cost "
+                       "frontier (default: %(default)s)")
     where.add_argument("--server-log-level", default="WARNING",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                        help="log level of the started server (default: %(default)s)")
@@ -150,6 +158,13 @@ def config_from_args(args: argparse.Namespace) -> Any:
     for flag, seconds in (("--duration", args.duration), ("--deadline", args.deadline)):
         if not seconds > 0:
             raise CommandError(f"{flag}: must be > 0 seconds", ExitCode.USAGE)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    unknown = [p for p in precisions if p not in PRECISION_CHOICES]
+    if not precisions or unknown:
+        raise CommandError(f"--precisions: {', '.join(unknown) or 'empty'}: expected some of "
+                           f"{', '.join(PRECISION_CHOICES)}", ExitCode.USAGE)
+    if len(set(precisions)) != len(precisions):
+        raise CommandError("--precisions: a precision is named twice", ExitCode.USAGE)
     rates = parse_list("--rate", args.rate, float) if args.rate else []
     concurrency = (parse_list("--concurrency", args.concurrency, int) if args.concurrency
                    else [] if rates else parse_list("--concurrency", DEFAULT_CONCURRENCY, int))
@@ -165,7 +180,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         texts_per_request=parse_list("--texts-per-request", args.texts_per_request, int),
         requests=args.requests, duration_s=args.duration, warmup=args.warmup,
         deadline_s=args.deadline, texts=args.texts, spinning=SPINNING_MODES[args.spinning],
-        serve_args=serve_args, in_process=args.in_process, inprocess_runs=args.inprocess_runs,
+        serve_args=serve_args, precisions=precisions,
+        in_process=args.in_process, inprocess_runs=args.inprocess_runs,
         overhead_concurrency=args.overhead_concurrency, seed=args.seed,
         progress=not args.json and sys.stderr.isatty(),
         server_log_level=args.server_log_level, protocol=args.protocol,

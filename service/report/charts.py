@@ -44,7 +44,7 @@ def _plain_log_axis(axis: Any) -> None:
     axis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def save_figure(figure: Figure, path: Path) -> Path:
     FigureCanvasAgg(figure)
     figure.tight_layout()
     figure.savefig(path, dpi=DPI, format="png")
@@ -110,7 +110,7 @@ def latency_vs_length(cells: list[dict[str, Any]], path: Path) -> Path:
                     marker=marker, linestyle="--", alpha=0.6, label=f"{name} p99")
         _length_axes(ax, subset, "latency (ms)")
 
-    return _save(_panels(closed, "latency vs length", draw), path)
+    return save_figure(_panels(closed, "latency vs length", draw), path)
 
 
 def throughput_vs_concurrency(cells: list[dict[str, Any]], path: Path) -> Path:
@@ -137,7 +137,7 @@ def throughput_vs_concurrency(cells: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("concurrent callers")
         ax.set_ylabel("texts/s")
 
-    return _save(_panels(closed, "throughput vs concurrency", draw), path)
+    return save_figure(_panels(closed, "throughput vs concurrency", draw), path)
 
 
 def throughput_vs_length(cells: list[dict[str, Any]], path: Path) -> Path:
@@ -157,7 +157,7 @@ def throughput_vs_length(cells: list[dict[str, Any]], path: Path) -> Path:
                             label=f"{points[0][1]['architecture']} c={concurrency}")
         _length_axes(ax, subset, "texts/s")
 
-    return _save(_panels(closed, "throughput vs length", draw), path)
+    return save_figure(_panels(closed, "throughput vs length", draw), path)
 
 
 def latency_vs_rate(cells: list[dict[str, Any]], path: Path) -> Path | None:
@@ -180,7 +180,7 @@ def latency_vs_rate(cells: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("offered load (requests/s, Poisson)")
         ax.set_ylabel("latency from intended send (ms)")
 
-    return _save(_panels(opened, "open loop", draw), path)
+    return save_figure(_panels(opened, "open loop", draw), path)
 
 
 def bench_charts(document: dict[str, Any], out: Path) -> list[Path]:
@@ -213,7 +213,7 @@ def accuracy_chart(models: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("fraction")
     ax.set_title("test-set quality from the manifests", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def overhead_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -243,4 +243,4 @@ def overhead_chart(rows: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xticks(xs, labels, fontsize=7)
         ax.grid(True, axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)

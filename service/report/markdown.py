@@ -194,6 +194,44 @@ def _overhead_section(document: dict[str, Any]) -> list[str]:
                             "queue ms"], rows), "![serving overhead](overhead.png)", ""]
 
 
+def best_fp32_reference(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per (model, length): served texts/s at the most callers against in-process fp32 at its
+    best thread count, at the batch the server formed."""
+    best: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in document.get("fp32_reference", []):
+        key = (row["model"], row["length"])
+        if key not in best or row["texts_per_s"] > best[key]["texts_per_s"]:
+            best[key] = row
+    return [{"model": model, "length": length, "threads": row["threads"],
+             "batch_size": row["batch_size"], "fp32_texts_per_s": row["texts_per_s"],
+             "served_texts_per_s": row["served_texts_per_s"],
+             "ratio": row["served_texts_per_s"] / row["texts_per_s"]}
+            for (model, length), row in sorted(best.items())]
+
+
+def reference_claims(document: dict[str, Any]) -> list[str]:
+    return [f"{r['model']} at {r['length']} tokens, served with the defaults: "
+            f"{r['ratio']:.2f}x the texts/s of in-process ONNX Runtime fp32 at its best thread "
+            f"count ({r['threads']}) on the same batches."
+            for r in best_fp32_reference(document)]
+
+
+def _reference_section(document: dict[str, Any]) -> list[str]:
+    from service.bench.output import fmt
+
+    rows = [[r["model"], str(r["length"]), str(r["batch_size"]), str(r["threads"]),
+             fmt(r["fp32_texts_per_s"], 1), fmt(r["served_texts_per_s"], 1),
+             fmt(r["ratio"], 2)] for r in best_fp32_reference(document)]
+    if not rows:
+        return []
+    return ["## Served defaults vs in-process fp32 at its best thread count", "",
+            "The server with no precision or thread flag, at the most callers, against the "
+            "fp32 artifact run in this process at every thread count from 1 to all cores "
+            "(the best shown), on batches of the size the server formed.", "",
+            *_md_table(["model", "tokens", "batch", "best fp32 threads", "fp32 texts/s",
+                        "served texts/s", "ratio"], rows)]
+
+
 def _arch(cells: list[dict[str, Any]], model: str) -> str:
     return next((c["architecture"] for c in cells if c["model"] == model), model)
 
@@ -201,7 +239,7 @@ def _arch(cells: list[dict[str, Any]], model: str) -> str:
 def write_report(document: dict[str, Any], quality: list[dict[str, Any]], out: Path, *,
                  source: Path) -> Path:
     from service.bench.output import spin_label
-    from service.report import charts
+    from service.report import charts, frontier
     from service.report import claims as rc
 
     out.mkdir(parents=True, exist_ok=True)
@@ -214,11 +252,15 @@ def write_report(document: dict[str, Any], quality: list[dict[str, Any]], out: P
         charts.throughput_vs_length(cells, out / "throughput_vs_length.png")
         charts.throughput_vs_concurrency(cells, out / "throughput_vs_concurrency.png")
     charts.overhead_chart(document["overhead"], out / "overhead.png")
+    points = frontier.frontier_points(document, quality)
+    lengths = frontier.frontier_lengths(document["cells"])
+    frontier.frontier_chart(points, lengths, out / "frontier.png")
     machine = document.get("machine", {})
     claims = [*rc.speed_claims(cells, primary), *rc.quality_claims(quality),
               *rc.transfer_claims(quality, cells, primary),
               *rc.overhead_claims(document["overhead"], document.get("runs", [])),
-              *rc.spinning_claims(cells)]
+              *rc.spinning_claims(cells), *frontier.frontier_claims(points, lengths),
+              *reference_claims(document)]
     lines = [
         "# LSTM vs Transformer vs a pretrained Transformer, served: what the numbers say", "",
         f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from `{source}` (bench of "
@@ -236,7 +278,8 @@ def write_report(document: dict[str, Any], quality: list[dict[str, Any]], out: P
         f"{rc.TIE:.0%}):", "",
         *(f"- {line}" for line in claims), "",
         "### Caveats", "", *(f"- {line}" for line in rc.caveats(document)), "",
-        *_quality_section(quality), *_latency_section(cells, modes),
+        *frontier.frontier_section(points, lengths), *_quality_section(quality),
+        *_reference_section(document), *_latency_section(cells, modes),
         *_throughput_section(cells, modes), *_overhead_section(document),
         *_phases_section(cells),
     ]

@@ -43,7 +43,7 @@ def bench_dir(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
             ",".join(map(str, CALLERS)), "--rate", str(RATE), "--requests", str(REQUESTS),
             "--duration", "20", "--warmup", "2", "--in-process", "--inprocess-runs", "5",
             "--overhead-concurrency", "4", "--serve-args", "--intra-op-threads 1",
-            "--out", str(root / "out"), "--json"]
+            "--precisions", "auto", "--out", str(root / "out"), "--json"]
     assert run_cli(argv) == 0
     return root / "out"
 
@@ -117,9 +117,18 @@ def test_in_process_baseline_and_overhead_figures(document: dict[str, Any]) -> N
             for row in mine:
                 assert row["runs"] >= 1 and row["texts_per_s"] > 0
                 assert row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
-                assert row["device"] == "cpu" and row["precision"] == "fp32"
+                # The baseline runs what the server served (auto: int8 where it passed).
+                served = {c["precision"] for c in document["cells"] if c["model"] == model}
+                assert row["device"] == "cpu" and {row["precision"]} == served
     overhead = document["overhead"]
     assert len(overhead) == 2 * len(LENGTHS)
+    # The yardstick of the served defaults: fp32 in process at every thread count.
+    cores = len(os.sched_getaffinity(0))
+    reference = document["fp32_reference"]
+    assert {(r["model"], r["threads"]) for r in reference} == {
+        (model, threads) for model in (LSTM_NAME, TRANSFORMER_NAME)
+        for threads in range(1, cores + 1)}
+    assert all(r["precision"] == "fp32" and r["texts_per_s"] > 0 for r in reference)
     for row in overhead:
         assert row["concurrency"] == 4 and row["server_batch_size"] >= 1
         assert row["latency_overhead_ms"] is not None

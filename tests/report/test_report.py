@@ -21,7 +21,8 @@ def bench_dir(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("report-bench") / "bench"
     argv = ["bench", "--repository", str(tiny_repository), "--texts", "synthetic",
             "--lengths", "8,16", "--concurrency", "1,4", "--requests", "12", "--warmup", "2",
-            "--spinning", "both", "--in-process", "--inprocess-runs", "5",
+            "--spinning", "both", "--precisions", "fp32,int8", "--in-process",
+            "--inprocess-runs", "5",
             "--overhead-concurrency", "4", "--serve-args", "--intra-op-threads 1",
             "--out", str(out), "--json"]
     assert run_cli(argv) == 0
@@ -38,8 +39,16 @@ def report(bench_dir: Path, tiny_repository: Path) -> Path:
 
 def test_spinning_both_ran_two_servers(bench_dir: Path) -> None:
     document = json.loads((bench_dir / "bench.json").read_text())
-    assert [run["spinning"] for run in document["runs"]] == [False, True]
+    # Per spinning mode one server per precision; the first precision is the primary run.
+    assert [(run["spinning"], run["precision"], run["primary"]) for run in document["runs"]] == [
+        (False, "fp32", True), (False, "int8", False), (True, "fp32", True),
+        (True, "int8", False)]
     assert {c["spinning"] for c in document["cells"]} == {False, True}
+    assert {c["precision"] for c in document["cells"]} == {"fp32"}
+    # The LSTM has no int8 artifact: --precision int8 serves... nothing for it, so the server
+    # refuses it and the int8 run measures only the Transformer.
+    assert {(c["model"], c["precision"]) for c in document["precision_cells"]} == {
+        (TRANSFORMER_NAME, "int8")}
     assert {(r["spinning"], r["model"]) for r in document["overhead"]} == {
         (spin, model) for spin in (False, True) for model in (LSTM_NAME, TRANSFORMER_NAME)}
 
@@ -49,8 +58,13 @@ def test_report_has_both_architectures_numbers_and_valid_charts(report: Path,
     text = (report / "report.md").read_text()
     document = json.loads((bench_dir / "bench.json").read_text())
     for heading in ("## What this says about the talk's claims", "### Caveats",
-                    "## Model quality", "## Latency", "## Throughput", "## Serving overhead"):
+                    "## The accuracy-cost frontier", "## Model quality", "## Latency",
+                    "## Throughput", "## Serving overhead",
+                    "## Served defaults vs in-process fp32 at its best thread count"):
         assert heading in text
+    assert "| transformer (tiny-transformer) | int8 |" in text
+    assert "| transformer (tiny-transformer) | fp32 |" in text
+    assert "Pareto front runs from" in text or "one point dominates" in text
     for architecture in ("lstm", "transformer"):
         assert f"| {architecture} | " in text
     # The bench's own numbers appear (as formatted for the tables).
@@ -59,7 +73,8 @@ def test_report_has_both_architectures_numbers_and_valid_charts(report: Path,
     assert "spinning on" in text and "spinning off" in text
     assert "inserted casts in fp32" in text  # the CPU fp16 caveat
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert {"accuracy.png", "latency_vs_length.png", "overhead.png"} <= set(images)
+    assert {"accuracy.png", "latency_vs_length.png", "overhead.png", "frontier.png"} <= set(
+        images)
     for image in images:
         assert is_png(report / image), image
 

@@ -1,0 +1,168 @@
+"""The accuracy-cost frontier: every model x precision as one point, test accuracy against the
+server CPU one text costs, with the Pareto front marked.
+
+A point's cost is server CPU-milliseconds per text in the closed-loop cell with the most
+callers (32 by default) at the shortest and the longest length benchmarked: what a busy
+replica pays, batching included, read from /proc for the server process. Its accuracy is the
+manifest's test accuracy for that precision. A point is on the front when no other point is
+at least as accurate for no more CPU (and better in one of the two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+from service.report.charts import save_figure
+
+
+@dataclass
+class Point:
+    model: str
+    architecture: str
+    precision: str
+    accuracy: float
+    cpu_ms: dict[int, float]  # length -> server CPU-ms per text
+    texts_per_s: dict[int, float]  # length -> texts/s in that cell
+    pareto: dict[int, bool] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.architecture} {self.precision}"
+
+
+def frontier_lengths(cells: list[dict[str, Any]]) -> list[int]:
+    lengths = sorted({c["length"] for c in cells})
+    return [lengths[0], lengths[-1]] if len(lengths) > 1 else lengths
+
+
+def _busy_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    closed = [c for c in cells if c["mode"] == "closed" and c["texts_per_request"] == 1
+              and c.get("texts_per_server_cpu_s")]
+    most = max((c["concurrency"] or 0 for c in closed), default=0)
+    return [c for c in closed if c["concurrency"] == most and most > 1]
+
+
+def frontier_points(document: dict[str, Any], quality: list[dict[str, Any]]) -> list[Point]:
+    """One point per (model, served precision) found in the bench, primary run first."""
+    cells = _busy_cells([*document["cells"], *document.get("precision_cells", [])])
+    lengths = frontier_lengths(cells)
+    accuracy = {q["name"]: q for q in quality}
+    points: dict[tuple[str, str], Point] = {}
+    for cell in cells:
+        if cell["length"] not in lengths or cell["model"] not in accuracy:
+            continue
+        key = (cell["model"], cell["precision"])
+        figure = accuracy[cell["model"]].get(f"{cell['precision']}_accuracy")
+        if figure is None:
+            continue
+        point = points.setdefault(key, Point(cell["model"], cell["architecture"],
+                                             cell["precision"], figure, {}, {}))
+        # The first cell seen for a (model, precision, length) wins: the primary run's.
+        point.cpu_ms.setdefault(cell["length"], 1000.0 / cell["texts_per_server_cpu_s"])
+        point.texts_per_s.setdefault(cell["length"], cell["texts_per_s"])
+    found = list(points.values())
+    for length in lengths:
+        mark_pareto(found, length)
+    return found
+
+
+def mark_pareto(points: list[Point], length: int) -> None:
+    for point in points:
+        if length not in point.cpu_ms:
+            continue
+        point.pareto[length] = not any(
+            other is not point and length in other.cpu_ms
+            and other.accuracy >= point.accuracy and other.cpu_ms[length] <= point.cpu_ms[length]
+            and (other.accuracy > point.accuracy or other.cpu_ms[length] < point.cpu_ms[length])
+            for other in points)
+
+
+def front(points: list[Point], length: int) -> list[Point]:
+    """The Pareto front at ``length``, cheapest first."""
+    return sorted((p for p in points if p.pareto.get(length)), key=lambda p: p.cpu_ms[length])
+
+
+def frontier_chart(points: list[Point], lengths: list[int], path: Path) -> Path | None:
+    if not points or not lengths:
+        return None
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.2 * len(lengths), 4.2))
+    axes = figure.subplots(1, len(lengths), squeeze=False)[0]
+    for ax, length in zip(axes, lengths, strict=True):
+        shown = [p for p in points if length in p.cpu_ms]
+        for point in shown:
+            on_front = point.pareto.get(length, False)
+            ax.scatter(point.cpu_ms[length], point.accuracy, s=60 if on_front else 30,
+                       marker="o" if on_front else "x", color="C3" if on_front else "C0",
+                       zorder=3)
+            ax.annotate(point.label, (point.cpu_ms[length], point.accuracy), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        line = front(shown, length)
+        ax.plot([p.cpu_ms[length] for p in line], [p.accuracy for p in line], color="C3",
+                linewidth=1, drawstyle="steps-post", zorder=2)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"server CPU-ms per text, {length} tokens (log)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{length} tokens: Pareto front in red")
+        ax.grid(True, which="both", alpha=0.3)
+    return save_figure(figure, path)
+
+
+def frontier_section(points: list[Point], lengths: list[int]) -> list[str]:
+    from service.bench.output import fmt
+
+    if not points:
+        return []
+    headers = ["model", "precision", "test accuracy"]
+    for length in lengths:
+        headers += [f"CPU-ms/text {length} tok", f"texts/s {length} tok", f"front {length}"]
+    rows = []
+    for point in sorted(points, key=lambda p: (-p.accuracy, p.model, p.precision)):
+        row = [f"{point.architecture} ({point.model})", point.precision, fmt(point.accuracy, 4)]
+        for length in lengths:
+            row += [fmt(point.cpu_ms.get(length), 2), fmt(point.texts_per_s.get(length), 0),
+                    "yes" if point.pareto.get(length) else ""]
+        rows.append(row)
+    table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+             *("| " + " | ".join(r) + " |" for r in rows), ""]
+    return ["## The accuracy-cost frontier", "",
+            "Every model and precision served in the bench: test accuracy (manifest) against "
+            "the server's CPU per text at the most callers; on the front when nothing else is "
+            "as accurate for less CPU.", "", *table, "![frontier](frontier.png)", ""]
+
+
+def frontier_claims(points: list[Point], lengths: list[int]) -> list[str]:
+    """Sentences worded from the front: what each step up in accuracy costs."""
+    claims = []
+    for length in lengths:
+        line = front(points, length)
+        if len(line) < 2:
+            if line:
+                claims.append(f"At {length} tokens one point dominates every other: "
+                              f"{line[0].label} ({line[0].accuracy:.3f}, "
+                              f"{line[0].cpu_ms[length]:.2f} CPU-ms per text).")
+            continue
+        cheapest, best = line[0], line[-1]
+        steps = "; ".join(
+            f"{b.label} buys {(b.accuracy - a.accuracy) * 100:+.1f} points for "
+            f"{b.cpu_ms[length] / a.cpu_ms[length]:.1f}x the CPU of {a.label}"
+            for a, b in pairwise(line))
+        claims.append(f"At {length} tokens the Pareto front runs from {cheapest.label} "
+                      f"({cheapest.accuracy:.3f}, {cheapest.cpu_ms[length]:.2f} CPU-ms per text) "
+                      f"to {best.label} ({best.accuracy:.3f}, {best.cpu_ms[length]:.2f}): "
+                      f"{steps}.")
+    for point in points:
+        twin = next((p for p in points if p.model == point.model and p.precision == "fp32"
+                     and point.precision == "int8"), None)
+        if twin is not None and lengths and lengths[-1] in twin.cpu_ms \
+                and lengths[-1] in point.cpu_ms:
+            length = lengths[-1]
+            claims.append(
+                f"{point.architecture} int8 costs {point.cpu_ms[length] / twin.cpu_ms[length]:.2f}"
+                f"x the CPU per text of its fp32 at {length} tokens for "
+                f"{(point.accuracy - twin.accuracy) * 100:+.2f} points of accuracy.")
+    return claims
