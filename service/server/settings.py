@@ -110,14 +110,16 @@ class ServeSettings(BaseSettings):
     cuda_device_id: int = Field(0, ge=0, description="GPU ordinal for the CUDA provider")
     precision: Literal["auto", "auto-int8", "fp32", "fp16", "int8"] = Field(
         "auto",
-        description="auto: fp16 on CUDA if it passes its re-gate on the device (else fp32), "
-        "fp32 on CPU, only artifacts that passed the export gates; auto-int8: the same, but "
-        "on CPU an int8 artifact that passed its gate first; "
-        "fp32/fp16/int8 force that artifact even if it failed its gates",
+        description="auto: fp16 on CUDA if it passes its re-gate on the device (else fp32); on "
+        "CPU int8 where it passed every export gate, batch invariance included (else fp32); "
+        "only artifacts that passed their gates. auto-int8: the same, but it also serves an "
+        "int8 from before the batch-invariance gate (schema 1-2). fp32/fp16/int8 force that "
+        "artifact even if it failed its gates. A model's serving.json overrides this",
     )
     intra_op_threads: int = Field(
-        0, ge=0, description="ORT intra-op threads (0: on CPU one per core but one, which is "
-        "left to the event loop; 1 on CUDA, where the CPU runs only shape arithmetic)")
+        0, ge=0, description="ORT intra-op threads of every model (0: by compute per token: "
+        "every core for a compute-bound model, every core but one, left to the event loop, "
+        "for a light one; 1 on CUDA). A model's serving.json overrides this")
     cpu_arena: Literal["shared", "session", "off"] = Field(
         "shared",
         description="ORT's CPU memory arena: one shared by every session of the process, one per "
