@@ -27,13 +27,13 @@ def _length_axes(ax: Any, cells: list[dict], ylabel: str) -> None:
     lengths = sorted({c["length"] for c in cells})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    _plain_log_axis(ax.yaxis)
+    plain_log_axis(ax.yaxis)
     ax.set_xticks(lengths, [str(length) for length in lengths])
     ax.set_xlabel("text length (tokens asked for)")
     ax.set_ylabel(ylabel)
 
 
-def _plain_log_axis(axis: Any) -> None:
+def plain_log_axis(axis: Any) -> None:
     """Log-scale ticks as 2, 5, 10 rather than 2x10^0; minor ticks labelled at 2 and 5 only,
     so axes spanning several decades stay legible."""
     def minor(value: float, _: Any) -> str:
@@ -176,7 +176,7 @@ def latency_vs_rate(cells: list[dict[str, Any]], path: Path) -> Path | None:
                         color=colors[model], linestyle=style, marker="o",
                         label=f"{points[0][1]['architecture']} len={length} p99")
         ax.set_yscale("log")
-        _plain_log_axis(ax.yaxis)
+        plain_log_axis(ax.yaxis)
         ax.set_xlabel("offered load (requests/s, Poisson)")
         ax.set_ylabel("latency from intended send (ms)")
 

@@ -15,7 +15,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from service.report.charts import save_figure
+from service.report.charts import plain_log_axis, save_figure
 
 
 @dataclass
@@ -93,18 +93,22 @@ def frontier_chart(points: list[Point], lengths: list[int], path: Path) -> Path 
     figure = Figure(figsize=(5.2 * len(lengths), 4.2))
     axes = figure.subplots(1, len(lengths), squeeze=False)[0]
     for ax, length in zip(axes, lengths, strict=True):
-        shown = [p for p in points if length in p.cpu_ms]
-        for point in shown:
+        shown = sorted((p for p in points if length in p.cpu_ms),
+                       key=lambda p: (p.accuracy, p.cpu_ms[length]))
+        for index, point in enumerate(shown):
             on_front = point.pareto.get(length, False)
             ax.scatter(point.cpu_ms[length], point.accuracy, s=60 if on_front else 30,
                        marker="o" if on_front else "x", color="C3" if on_front else "C0",
                        zorder=3)
+            # Neighbours in accuracy alternate above and below, so close points stay legible.
             ax.annotate(point.label, (point.cpu_ms[length], point.accuracy), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+                        xytext=(5, 5 if index % 2 else -11), textcoords="offset points")
         line = front(shown, length)
         ax.plot([p.cpu_ms[length] for p in line], [p.accuracy for p in line], color="C3",
                 linewidth=1, drawstyle="steps-post", zorder=2)
         ax.set_xscale("log")
+        plain_log_axis(ax.xaxis)
+        ax.margins(x=0.15, y=0.08)
         ax.set_xlabel(f"server CPU-ms per text, {length} tokens (log)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{length} tokens: Pareto front in red")
