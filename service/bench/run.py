@@ -229,8 +229,11 @@ def _version_dir(config: BenchConfig, model: ModelDescription) -> Path | None:
 
 def run_bench(config: BenchConfig, warn: Warn) -> dict[str, Any]:
     check_models(config)
+    # The in-process baseline loads what the primary server serves: its precision too.
+    primary = ([] if "--precision" in config.serve_args or config.server is not None
+               else ["--precision", config.precisions[0]])
     settings_by_mode = {mode: parse_serve_args(["--device", "cpu", *config.serve_args,
-                                                *_spin_flags(mode)])
+                                                *_spin_flags(mode), *primary])
                         for mode in config.spinning}
     pool, source = load_pool(config.texts, warn)
     builder = TextBuilder(pool, seed=config.seed)

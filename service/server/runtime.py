@@ -122,6 +122,8 @@ def choose_artifact(manifest: Manifest, precision: str, device: str, *,
     if precision in PRECISIONS:
         # Forced: served even when it failed its gates (the operator asked for it).
         artifact = manifest.artifact(precision)  # type: ignore[arg-type]
+        if artifact is None:
+            return None, f"no {precision} artifact (forced by {source} {precision})"
         return artifact, f"{precision}: forced by {source} {precision}"
     skipped = []
     for wanted in PREFERENCES[(precision, device)]:

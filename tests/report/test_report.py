@@ -45,6 +45,8 @@ def test_spinning_both_ran_two_servers(bench_dir: Path) -> None:
         (True, "int8", False)]
     assert {c["spinning"] for c in document["cells"]} == {False, True}
     assert {c["precision"] for c in document["cells"]} == {"fp32"}
+    # The in-process baseline ran what the primary server served.
+    assert {r["precision"] for r in document["inprocess"]} == {"fp32"}
     # The LSTM has no int8 artifact: --precision int8 serves... nothing for it, so the server
     # refuses it and the int8 run measures only the Transformer.
     assert {(c["model"], c["precision"]) for c in document["precision_cells"]} == {

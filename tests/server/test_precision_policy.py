@@ -66,6 +66,8 @@ def test_a_model_without_int8_is_served_fp32_and_says_so(tiny_repository: Path) 
     artifact, why = choose_artifact(manifest, "auto", "cpu")
     assert artifact.precision == "fp32" and why == "fp32: the reference precision (no int8 " \
         "artifact)"
+    assert choose_artifact(manifest, "int8", "cpu") == (
+        None, "no int8 artifact (forced by --precision int8)")
 
 
 def test_threads_follow_the_compute_per_token(tiny_repository: Path) -> None:
