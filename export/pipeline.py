@@ -20,7 +20,7 @@ from export.config import (
     WEIGHTS_FILE,
     RunConfig,
 )
-from export.datasets import DatasetError, load_dataset
+from export.datasets import DatasetError, DatasetSplits, load_dataset
 from export.fused_export import fuse_staged_graph
 from export.gates import GateSettings
 from export.gating import FP32_FILE, EvaluationSet, GateReport, TorchLogits, gate_artifacts
@@ -84,8 +84,9 @@ def source_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def held_out_test_split(config: RunConfig, labels: list[str]) -> list[tuple[str, int]]:
-    """The test split the run held out, rebuilt from its config; refuses data that changed."""
+def run_splits(config: RunConfig, labels: list[str]) -> DatasetSplits:
+    """The run's splits, rebuilt from its config (the test split it held out, the training
+    split calibration draws from); refuses data that changed."""
     if config.data_sha256 is not None:
         path = Path(config.data.source)
         actual = sha256_file(path) if path.is_file() else "missing"
@@ -96,14 +97,14 @@ def held_out_test_split(config: RunConfig, labels: list[str]) -> list[tuple[str,
     if splits.labels != labels:
         raise DatasetError(f"the dataset's labels {splits.labels} differ from the run's "
                            f"labels.json {labels}")
-    return splits.test
+    return splits
 
 
-def calibration_ids(config: RunConfig, tokenizer: TextTokenizer) -> list[list[int]]:
+def calibration_ids(config: RunConfig, train: list[tuple[str, int]],
+                    tokenizer: TextTokenizer) -> list[list[int]]:
     """Token ids of ``CALIBRATION_TEXTS`` training texts (seeded): the calibrated int8's
     activation ranges come from the data the model was trained on, never from the test split
     the gates judge it on."""
-    train = load_dataset(config.data).train
     rows = np.random.default_rng(config.seed).permutation(len(train))[:CALIBRATION_TEXTS]
     return tokenizer.token_ids([train[int(i)][0] for i in rows])[0]
 
@@ -115,9 +116,8 @@ def load_torch_model(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def held_out_evaluation_set(config: RunConfig, labels: list[str],
+def held_out_evaluation_set(config: RunConfig, test: list[tuple[str, int]],
                             tokenizer: TextTokenizer) -> EvaluationSet:
-    test = held_out_test_split(config, labels)
     texts = [text for text, _ in test]
     ids, _ = tokenizer.token_ids(texts)
     y_true = np.fromiter((label for _, label in test), dtype=np.int64, count=len(test))
@@ -154,11 +154,12 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
                                   staging / FP32_FILE, opset=opset)
         plain = (fuse_staged_graph(staging, FP32_FILE, config.model, run_dir / WEIGHTS_FILE)
                  if config.architecture == "pretrained" else None)
+        splits = run_splits(config, labels)
         report = gate_artifacts(
-            staging, held_out_evaluation_set(config, labels, tokenizer), labels,
+            staging, held_out_evaluation_set(config, splits.test, tokenizer), labels,
             gates=gates or GateSettings(), opset=opset,
             torch_logits=torch_reference(run_dir, config), allow_fp16_failure=allow_fp16_failure,
-            fp16_source=plain, calibration=calibration_ids(config, tokenizer))
+            fp16_source=plain, calibration=calibration_ids(config, splits.train, tokenizer))
         if plain is not None:
             plain.unlink()
         (staging / TOKENIZER_FILE).write_bytes((run_dir / TOKENIZER_FILE).read_bytes())

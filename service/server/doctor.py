@@ -220,6 +220,7 @@ def _examine(settings: ServeSettings, name: str, device: str, runs: int,
         tokenizer = TextTokenizer.from_file(verify_file(model.directory, spec.file, spec.sha256),
                                             spec.max_length, spec.pad_id)
         data = read_evaluation_slice(model, manifest)
+        config = read_serving_config(model.directory.parent)
     except (ManifestError, OSError, ValueError) as exc:
         return ModelReport(name, model.version, error=str(exc).splitlines()[0])
     report = ModelReport(name, model.version, manifest.architecture, spec.max_length)
@@ -227,23 +228,23 @@ def _examine(settings: ServeSettings, name: str, device: str, runs: int,
     for artifact in manifest.artifacts:
         entry = PrecisionReport(artifact.precision, artifact.passed_gates)
         report.precisions.append(entry)
-        session = _open(settings, model, artifact.precision, manifest, device, factory, entry)
+        session = _open(settings, model, artifact.precision, manifest, config, device, factory,
+                        entry)
         if session is not None:
             sessions[artifact.precision] = session
     _measure(report, sessions, tokenizer, data, runs)
-    _decide(report, settings, device, data, manifest,
-            read_serving_config(model.directory.parent))
+    _decide(report, settings, device, data, manifest, config)
     return report
 
 
 def _open(settings: ServeSettings, model: ModelVersion, precision: str, manifest: Manifest,
-          device: str, factory: SessionFactory, entry: PrecisionReport) -> ModelSession | None:
+          config: ServingConfig, device: str, factory: SessionFactory,
+          entry: PrecisionReport) -> ModelSession | None:
     artifact = manifest.artifact(precision)  # type: ignore[arg-type]
     try:
         path = str(verify_artifact(model, artifact))  # type: ignore[arg-type]
         threads = choose_threads(manifest, setting=settings.intra_op_threads,
-                                 config=read_serving_config(model.directory.parent),
-                                 cuda=device == "cuda")
+                                 config=config, cuda=device == "cuda")
         with quiet_ort_logging():
             raw = factory(path, session_options(settings, threads=threads.threads),
                           providers_for(device, settings))

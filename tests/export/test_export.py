@@ -245,7 +245,7 @@ def test_an_int8_whose_answers_depend_on_batch_mates_fails_its_gate(runs, tmp_pa
     real_convert = gating.convert_to_int8
     monkeypatch.setattr(gating, "convert_to_int8", batch_dependent)
     # Block-wise only (no calibration texts): the form whose rows really are independent.
-    monkeypatch.setattr(pipeline, "calibration_ids", lambda config, tokenizer: [])
+    monkeypatch.setattr(pipeline, "calibration_ids", lambda config, train, tokenizer: [])
     result = pipeline.export_run(runs["transformer"], tmp_path / "repo", "m",
                                  gates=NO_SPEED_GATE)
     attempts = result.int8_attempts

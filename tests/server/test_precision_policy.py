@@ -154,6 +154,12 @@ def test_a_bad_serving_json_refuses_the_model_not_the_server(repository_copy: Pa
     with running.client() as client:
         names = {m.name for m in client.list_models()}
     assert LSTM_NAME in names and TRANSFORMER_NAME not in names
+    # The doctor says the same, naming the file and the field, and examines the others.
+    report = run_doctor(server_settings(repository_copy), runs=0)
+    errors = {m.name: m.error for m in report.models}
+    assert "serving.json" in errors[TRANSFORMER_NAME] and "'precision'" in errors[
+        TRANSFORMER_NAME]
+    assert errors[LSTM_NAME] == ""
 
 
 def test_getmodel_says_which_precision_and_threads_and_why(repository_copy: Path,
