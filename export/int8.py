@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,8 @@ def convert_to_int8_calibrated(source: Path, target: Path, calibration: list[lis
     weights = {init.name: init for init in model.graph.initializer}
     targets = [node for node in model.graph.node if _by_weight(node, weights)]
     if attention_blockwise:
-        targets = [node for node in targets if not _feeds_attention(node, model.graph)]
+        feeds_attention = _attention_feeders(model.graph)
+        targets = [node for node in targets if not feeds_attention(node)]
     if not targets or not calibration:
         return 0
     ranges = _activation_ranges(model, sorted({n.input[0] for n in targets}), calibration,
@@ -116,28 +118,33 @@ _PASS_THROUGH = {"Add", "Mul", "Div", "Reshape", "Transpose", "Split", "Slice", 
 _ATTENTION_OPS = {"MultiHeadAttention", "Attention", "Softmax"}
 
 
-def _feeds_attention(node: onnx.NodeProto, graph: onnx.GraphProto, depth: int = 4) -> bool:
-    """Whether ``node``'s output reaches attention within ``depth`` steps through
+def _attention_feeders(graph: onnx.GraphProto,
+                       depth: int = 4) -> Callable[[onnx.NodeProto], bool]:
+    """A test of whether a node's output reaches attention within ``depth`` steps through
     pass-through ops: a fused attention op, or a MatMul of two activations (scores, or
-    probabilities x values)."""
+    probabilities x values). The graph's consumers are indexed once for every node asked."""
     constants = {init.name for init in graph.initializer}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for candidate in graph.node:
         for name in candidate.input:
             consumers.setdefault(name, []).append(candidate)
-    frontier = list(node.output)
-    for _ in range(depth):
-        following = []
-        for name in frontier:
-            for consumer in consumers.get(name, []):
-                if consumer.op_type in _ATTENTION_OPS or (
-                        consumer.op_type == "MatMul"
-                        and not constants & set(consumer.input)):
-                    return True
-                if consumer.op_type in _PASS_THROUGH:
-                    following += list(consumer.output)
-        frontier = following
-    return False
+
+    def feeds_attention(node: onnx.NodeProto) -> bool:
+        frontier = list(node.output)
+        for _ in range(depth):
+            following = []
+            for name in frontier:
+                for consumer in consumers.get(name, []):
+                    if consumer.op_type in _ATTENTION_OPS or (
+                            consumer.op_type == "MatMul"
+                            and not constants & set(consumer.input)):
+                        return True
+                    if consumer.op_type in _PASS_THROUGH:
+                        following += list(consumer.output)
+            frontier = following
+        return False
+
+    return feeds_attention
 
 
 def _by_weight(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> bool:
