@@ -51,6 +51,55 @@ class TrainingConfig(_Config):
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads; None: all")
 
 
+class AugmentationConfig(_Config):
+    """How the transfer set's augmented copies of the training texts are made (after Tang et
+    al. 2019): per word, masking or a swap; then, for some copies, an n-gram of the result."""
+
+    copies: int = Field(default=5, ge=0, description="augmented copies per training text")
+    mask_probability: float = Field(default=0.1, ge=0, le=1,
+                                    description="a word becomes [UNK]")
+    swap_probability: float = Field(
+        default=0.1, ge=0, le=1,
+        description="a word becomes another that follows the same word in the training texts")
+    ngram_probability: float = Field(default=0.25, ge=0, le=1,
+                                     description="a copy is cut to a random n-gram of itself")
+    max_ngram: int = Field(default=5, ge=1, description="longest such n-gram, in words")
+
+    @model_validator(mode="after")
+    def _one_change_per_word(self) -> AugmentationConfig:
+        if self.mask_probability + self.swap_probability > 1:
+            raise ValueError("mask_probability + swap_probability must be at most 1")
+        return self
+
+
+class UnlabelledTexts(_Config):
+    """A CSV, TSV or JSONL file of texts; pinned by its sha256 like a training file."""
+
+    path: str
+    text_column: str = "text"
+    format: Literal["auto", "csv", "tsv", "jsonl"] = "auto"
+    sha256: str | None = None
+
+
+class DistillationConfig(_Config):
+    """Training on a teacher's logits as well as the gold labels (``seqserve train
+    --teacher``)."""
+
+    teacher: str = Field(description="a run directory, or NAME[:VERSION] in teacher_repository")
+    teacher_repository: str = Field(default=str(defaults.REPOSITORY))
+    teacher_precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    loss: Literal["mse", "kl"] = Field(
+        default="mse", description="mse: on logits (Tang et al.); kl: on softened probabilities "
+        "at the temperature, scaled by its square (Hinton et al.)")
+    temperature: float = Field(default=2.0, gt=0, description="kl only")
+    alpha: float = Field(default=0.0, ge=0, le=1,
+                         description="weight of the gold labels' cross-entropy (where a text "
+                         "has one); the teacher's loss has 1 - alpha")
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    unlabelled: UnlabelledTexts | None = Field(
+        default=None, description="extra texts, no labels needed, that the teacher labels")
+
+
 class RunConfig(_Config):
     architecture: Literal["lstm", "transformer", "bow", "pretrained"]
     model: dict[str, Any] = Field(default_factory=dict, description="overrides of model defaults")
@@ -60,6 +109,8 @@ class RunConfig(_Config):
     seed: int = defaults.SEED
     data_sha256: str | None = Field(
         default=None, description="a data file's sha256 at training time; export checks it")
+    distillation: DistillationConfig | None = Field(
+        default=None, description="None: trained on the gold labels alone")
 
     @model_validator(mode="after")
     def _needs_validation_and_test_texts(self) -> RunConfig:

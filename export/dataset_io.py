@@ -109,6 +109,27 @@ def read_examples(
     module's quoting rules (what pandas and spreadsheets write), so a field that starts with a
     double quote runs to the matching closing quote.
     """
+    rows = _rows(path, fmt, (text_column, label_column))
+    return collect_examples((row.get(text_column), row.get(label_column)) for row in rows)
+
+
+def read_texts(path: Path, *, fmt: FormatChoice = "auto", text_column: str = "text"
+               ) -> tuple[list[str], int]:
+    """Read the texts of a CSV, TSV or JSONL file that need no label (texts a teacher model
+    labels); the texts, and how many rows were blank and skipped."""
+    texts, blank = [], 0
+    for row in _rows(path, fmt, (text_column,)):
+        text = _as_string(row.get(text_column))
+        if text:
+            texts.append(text)
+        else:
+            blank += 1
+    return texts, blank
+
+
+def _rows(path: Path, fmt: FormatChoice, used_columns: tuple[str, ...]
+          ) -> list[dict[str, object]]:
+    """The file's rows as dicts, once every column in ``used_columns`` is known to exist."""
     if not path.is_file():
         raise DatasetError(f"dataset file not found: {path}")
     file_format = resolve_format(path, fmt)
@@ -118,14 +139,14 @@ def read_examples(
         raise DatasetError(f"cannot read dataset file {path}: {exc.strerror}") from None
     text = decode_utf8(data, path)
     if file_format == "jsonl":
-        columns, rows = _jsonl_rows(text, path, (text_column, label_column))
+        columns, rows = _jsonl_rows(text, path, used_columns)
     else:
         columns, rows = _delimited_rows(text, path, "," if file_format == "csv" else "\t")
-    for column in (text_column, label_column):
+    for column in used_columns:
         if column not in columns:
             available = ", ".join(repr(c) for c in columns) or "none"
             raise DatasetError(f"{path} has no column {column!r}; available columns: {available}")
-    return collect_examples((row.get(text_column), row.get(label_column)) for row in rows)
+    return rows
 
 
 def collect_examples(pairs: Iterable[tuple[object, object]]) -> Examples:

@@ -30,6 +30,7 @@ from models import create_model
 from service.repo.graph import DEFAULT_OPSET
 from service.repo.manifest import (
     MANIFEST_FILE,
+    DistillationRecord,
     Manifest,
     ModelSource,
     TokenizerSpec,
@@ -181,6 +182,14 @@ def export_run(run_dir: Path, repository: Path, name: str, *, version: int | Non
                         time.monotonic() - started)
 
 
+def model_source(config: RunConfig) -> ModelSource:
+    if config.distillation is not None:
+        return ModelSource(kind="distilled")
+    if config.architecture == "pretrained":
+        return ModelSource(kind="fine-tuned", base=str(config.model.get("base")))
+    return ModelSource(kind="trained")
+
+
 def build_manifest(run_dir: Path, config: RunConfig, name: str, version: int, labels: list[str],
                    directory: Path, report: GateReport, commit: str | None) -> Manifest:
     metrics = json.loads((run_dir / METRICS_FILE).read_text(encoding="utf-8"))
@@ -204,8 +213,9 @@ def build_manifest(run_dir: Path, config: RunConfig, name: str, version: int, la
         evaluation=report.evaluation,
         evaluation_slice=report.evaluation_slice,
         compute=report.compute,
-        source=(ModelSource(kind="fine-tuned", base=str(config.model.get("base")))
-                if config.architecture == "pretrained" else ModelSource(kind="trained")),
+        source=model_source(config),
+        distillation=(DistillationRecord.model_validate(metrics["distillation"])
+                      if "distillation" in metrics else None),
         training=TrainingSummary(
             dataset=metrics["dataset"], epochs=metrics["epochs_run"], seed=config.seed,
             hyperparameters=hyperparameters, duration_seconds=metrics["duration_seconds"],

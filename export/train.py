@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from export import fine_tune
+from export import distill, fine_tune
 from export.classification_metrics import ClassificationReport, classification_report
 from export.config import (
     CURVE_FILE,
@@ -41,6 +41,8 @@ from service.repo.tokenization import TextTokenizer, pad_batch
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 256
+#: The loss of one batch: (logits, gold labels, the batch's row indices in the split).
+Objective = Callable[[torch.Tensor, torch.Tensor, np.ndarray], torch.Tensor]
 # Shuffle, then sort by length within chunks this many batches long: batches of similar lengths
 # while every epoch still sees a different order.
 SORT_CHUNK_BATCHES = 50
@@ -160,10 +162,12 @@ def pin_data_file(config: RunConfig) -> dict:
             "data_sha256": sha256_file(path)}
 
 
-def scratch_tokenizer(config: RunConfig, splits: DatasetSplits, run_dir: Path) -> TextTokenizer:
-    """A WordPiece vocabulary trained on the training split, saved into the run."""
+def scratch_tokenizer(config: RunConfig, splits: DatasetSplits, run_dir: Path,
+                      extra_texts: Iterable[str] = ()) -> TextTokenizer:
+    """A WordPiece vocabulary trained on the training split (and a distilled run's unlabelled
+    texts), saved into the run."""
     tokenizer = train_tokenizer(
-        (text for text, _ in splits.train),
+        [*(text for text, _ in splits.train), *extra_texts],
         vocab_size=config.tokenizer.vocab_size,
         min_frequency=config.tokenizer.min_frequency,
     )
@@ -184,13 +188,26 @@ def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainRe
     device = resolve_device(config.training.device)
 
     splits = load_dataset(config.data)
+    config = distill.pin_unlabelled(config)
+    teaching = (distill.prepare(config, splits, run_dir, progress=progress)
+                if config.distillation else None)
     if pretrained:  # the base's tokenizer and encoder config; the max length it allows
         tokenizer, model_config, config = fine_tune.prepare(config, run_dir, len(splits.labels))
     else:
-        tokenizer = scratch_tokenizer(config, splits, run_dir)
+        tokenizer = scratch_tokenizer(config, splits, run_dir,
+                                      teaching.unlabelled_texts if teaching else ())
         model_config = resolved_model_config(config, tokenizer.vocab_size, len(splits.labels))
-    train_split, validation_split, test_split = (
-        encode_split(tokenizer, split) for split in (splits.train, splits.validation, splits.test))
+    validation_split, test_split = (encode_split(tokenizer, split)
+                                    for split in (splits.validation, splits.test))
+    if teaching is None:
+        train_split = encode_split(tokenizer, splits.train)
+        objective = cross_entropy_objective(config.training.label_smoothing)
+    else:
+        train_split = EncodedSplit(tokenizer.token_ids(teaching.transfer.texts)[0],
+                                   teaching.transfer.gold, tokenizer.pad_id)
+        assert teaching.transfer.teacher_logits is not None and config.distillation
+        objective = distill.DistillationLoss(config.distillation,
+                                             teaching.transfer.teacher_logits)
     config.model_copy(update={"model": model_config, **pin_data_file(config)}).save(run_dir)
     (run_dir / LABELS_FILE).write_text(json.dumps(splits.labels, indent=2) + "\n", "utf-8")
 
@@ -198,14 +215,18 @@ def train(config: RunConfig, run_dir: Path, *, progress: bool = True) -> TrainRe
     model = (fine_tune.pretrained_model(config, model_config) if pretrained
              else create_model(config.architecture, model_config)).to(device)
     history, best_epoch, best_state = fit(model, config, train_split, validation_split,
-                                          splits.labels, device, progress=progress)
+                                          splits.labels, device, progress=progress,
+                                          objective=objective)
     model.load_state_dict(best_state)
     torch.save(best_state, run_dir / WEIGHTS_FILE)
     predictions, _ = predict(model, test_split, device)
     test_report = classification_report(test_split.labels, predictions, splits.labels)
     result = TrainResult(run_dir, test_report, best_epoch, len(history),
                          time.monotonic() - started, history)
-    write_metrics(result, splits, device)
+    distillation = distill.record(config, teaching) if teaching else None
+    if distillation is not None:
+        distill.write_record(run_dir, distillation)
+    write_metrics(result, splits, device, distillation)
     plot_training_curve(history, run_dir, title=f"{config.architecture} on {splits.name}")
     return result
 
@@ -226,9 +247,15 @@ def resolved_model_config(config: RunConfig, vocab_size: int, num_labels: int) -
     return model_config
 
 
+def cross_entropy_objective(label_smoothing: float) -> Objective:
+    loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return lambda logits, labels, rows: loss(logits, labels)
+
+
 def fit(model: nn.Module, config: RunConfig, train_split: EncodedSplit,
         validation_split: EncodedSplit, labels: list[str], device: torch.device, *,
-        progress: bool) -> tuple[list[EpochRecord], int, dict]:
+        progress: bool, objective: Objective | None = None
+        ) -> tuple[list[EpochRecord], int, dict]:
     """Epochs until ``epochs`` or early stopping; the history, best epoch and its weights."""
     hp = config.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.learning_rate,
@@ -236,7 +263,7 @@ def fit(model: nn.Module, config: RunConfig, train_split: EncodedSplit,
     steps_per_epoch = math.ceil(len(train_split) / hp.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(steps_per_epoch * hp.epochs, hp.warmup_fraction))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=hp.label_smoothing)
+    objective = objective or cross_entropy_objective(hp.label_smoothing)
     rng = np.random.default_rng(config.seed)
     history: list[EpochRecord] = []
     best_accuracy, best_epoch, best_state = -1.0, 0, None
@@ -245,7 +272,7 @@ def fit(model: nn.Module, config: RunConfig, train_split: EncodedSplit,
         bar = tqdm(training_batches(train_split, hp.batch_size, rng), total=steps_per_epoch,
                    desc=f"{config.architecture} epoch {epoch}/{hp.epochs}", disable=not progress,
                    leave=False, unit="batch")
-        train_loss = train_epoch(model, bar, train_split, optimizer, scheduler, loss_fn,
+        train_loss = train_epoch(model, bar, train_split, optimizer, scheduler, objective,
                                  hp.grad_clip, device)
         predictions, validation_loss = predict(model, validation_split, device)
         report = classification_report(validation_split.labels, predictions, labels)
@@ -266,7 +293,7 @@ def fit(model: nn.Module, config: RunConfig, train_split: EncodedSplit,
 
 
 def train_epoch(model: nn.Module, batches: Any, split: EncodedSplit,
-                optimizer: torch.optim.Optimizer, scheduler: Any, loss_fn: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, objective: Objective,
                 grad_clip: float, device: torch.device) -> float:
     """One pass over ``batches`` (row index arrays); the mean training loss."""
     model.train()
@@ -274,7 +301,7 @@ def train_epoch(model: nn.Module, batches: Any, split: EncodedSplit,
     for rows in batches:
         input_ids, attention_mask, labels = to_tensors(split, rows, device)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(input_ids, attention_mask), labels)
+        loss = objective(model(input_ids, attention_mask), labels, rows)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
@@ -286,7 +313,8 @@ def train_epoch(model: nn.Module, batches: Any, split: EncodedSplit,
     return running_loss / max(seen, 1)
 
 
-def write_metrics(result: TrainResult, splits: DatasetSplits, device: torch.device) -> None:
+def write_metrics(result: TrainResult, splits: DatasetSplits, device: torch.device,
+                  distillation: dict | None = None) -> None:
     metrics = {
         "dataset": splits.name,
         "examples": {"train": len(splits.train), "validation": len(splits.validation),
@@ -297,6 +325,7 @@ def write_metrics(result: TrainResult, splits: DatasetSplits, device: torch.devi
         "duration_seconds": round(result.duration_seconds, 2),
         "test": result.test.to_dict(),
         "history": [asdict(record) for record in result.history],
+        **({"distillation": distillation} if distillation else {}),
     }
     path = result.run_dir / METRICS_FILE
     path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

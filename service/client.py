@@ -93,6 +93,7 @@ class ModelDescription:
     intra_op_threads: int = 0  # 0: a server too old to say
     intra_op_threads_reason: str = ""
     fused_ops: dict[str, int] = field(default_factory=dict)  # fused ORT op -> nodes
+    distillation: dict[str, Any] = field(default_factory=dict)  # teacher, transfer set; {}: none
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ def from_model_info(info: pb.ModelInfo) -> ModelDescription:
         precision_reason=info.precision_reason, intra_op_threads=info.intra_op_threads,
         intra_op_threads_reason=info.intra_op_threads_reason,
         fused_ops={f.op_type: f.count for f in info.fused_ops},
+        distillation=_fields_of(info.distillation) if info.HasField("distillation") else {},
     )
 
 

@@ -410,7 +410,7 @@ def _fp32_reference(config: BenchConfig, models: list[ModelDescription],
 def _model_json(model: ModelDescription) -> dict[str, Any]:
     keys = ("name", "version", "architecture", "precision", "device", "max_length", "labels",
             "evaluation", "precision_reason", "intra_op_threads", "intra_op_threads_reason",
-            "fused_ops")
+            "fused_ops", "source", "distillation")
     return {key: getattr(model, key) for key in keys}
 
 

@@ -19,6 +19,8 @@ from service.cli.exit_codes import CommandError, ExitCode
 from service.repo.layout import latest_version
 
 DEFAULT_MODELS = ("sentiment-lstm", "sentiment-transformer", "sentiment-pretrained")
+#: Shown beside the defaults when the repository holds it (``--distilled`` builds it).
+DISTILLED_MODEL = "sentiment-distilled"
 EXAMPLES = [
     "A gripping, beautifully acted film that stays with you long after the credits.",
     "Tedious, overlong and utterly predictable; I checked my watch twice.",
@@ -31,8 +33,9 @@ THROUGHPUT_REQUESTS = 600
 THROUGHPUT_CALLERS = 32
 
 
-def ensure_models(repository: Path) -> None:
-    missing = [name for name in DEFAULT_MODELS if latest_version(repository, name) is None]
+def ensure_models(repository: Path, *, distilled: bool = False) -> None:
+    wanted = [*DEFAULT_MODELS, *([DISTILLED_MODEL] if distilled else [])]
+    missing = [name for name in wanted if latest_version(repository, name) is None]
     if not missing:
         return
     print(f"building {', '.join(missing)} into {repository} (first run only)", flush=True)
@@ -40,7 +43,8 @@ def ensure_models(repository: Path) -> None:
     from service.cli.train import require_training_extra
 
     require_training_extra()
-    build_defaults(repository, defaults.RUNS, options=ExportOptions())
+    build_defaults(repository, defaults.RUNS, options=ExportOptions(),
+                   include_distilled=distilled)
 
 
 def measure(client: Any, model: str, texts: list[str]) -> dict[str, float]:
@@ -65,7 +69,7 @@ def handle_demo(args: argparse.Namespace) -> int:
     from service.bench.errors import BenchError
     from service.client import Client, ClientError
 
-    ensure_models(args.repository)
+    ensure_models(args.repository, distilled=args.distilled)
     server = ChildServer(args.repository, [], log_level=args.server_log_level, port=args.port,
                          metrics_port=args.metrics_port, log_to_terminal=True,
                          startup_timeout_s=STARTUP_TIMEOUT_S)
@@ -103,7 +107,7 @@ def compare(client: Any, address: str) -> None:
     print(f"\nserver {address}: " + ", ".join(
         f"{m.name} v{m.version} ({m.architecture}, {m.precision} on {m.device})"
         for m in models.values()))
-    names = [name for name in DEFAULT_MODELS if name in models]
+    names = [name for name in (*DEFAULT_MODELS, DISTILLED_MODEL) if name in models]
     print("\nwhat each model is served as, and why:")
     for name in names:
         model = models[name]
@@ -116,7 +120,7 @@ def compare(client: Any, address: str) -> None:
     for index, text in enumerate(EXAMPLES):
         cells = "".join(f"{answers[n][index].label} {answers[n][index].score:.2f}".ljust(24)
                         for n in names)
-        print((text[:57] + "...").ljust(60) + cells)
+        print((text if len(text) < 59 else text[:57] + "…").ljust(60) + cells)
 
     print("\narchitecture   served   accuracy fp32 / fp16 / int8   p50 ms   p99 ms   "
           "texts/s (32 callers)   mean batch")
@@ -127,7 +131,8 @@ def compare(client: Any, address: str) -> None:
                               if f"{p}_accuracy" in evaluation else "  -   "
                               for p in ("fp32", "fp16", "int8"))
         figures = measure(client, name, EXAMPLES * 8)
-        print(f"{model.architecture:<14} {model.precision:<8} {accuracy:<26}  "
+        contender = f"{model.architecture} distilled" if model.distillation else model.architecture
+        print(f"{contender:<14} {model.precision:<8} {accuracy:<26}  "
               f"{figures['p50_ms']:6.2f}   "
               f"{figures['p99_ms']:6.2f}   {figures['texts_per_s']:10.0f}             "
               f"{figures['mean_batch']:.1f}")
@@ -144,6 +149,9 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--metrics-port", type=int, default=0,
                       help="Prometheus port (default: 0, disabled; "
                       f"{defaults.METRICS_PORT} is the server default)")
+    demo.add_argument("--distilled", action="store_true",
+                      help=f"also build and compare {DISTILLED_MODEL}, an LSTM distilled from "
+                      "sentiment-pretrained (about 9 more minutes, once)")
     demo.add_argument("--keep-serving", action="store_true",
                       help="leave the server running after the comparison")
     demo.add_argument("--server-log-level", default="WARNING",

@@ -32,6 +32,10 @@ def handle_repo_list(args: argparse.Namespace) -> int:
                 "precisions": [a.precision + ("" if a.passed_gates else "(failed)")
                                for a in manifest.artifacts],
                 "created_at": manifest.created_at.isoformat(),
+                "teacher": (f"{manifest.distillation.teacher.name}"
+                            + (f":{manifest.distillation.teacher.version}"
+                               if manifest.distillation.teacher.version is not None else "")
+                            if manifest.distillation else None),
             })
     if args.json:
         print(json.dumps({"repository": str(args.repository), "versions": rows}))
@@ -45,7 +49,8 @@ def handle_repo_list(args: argparse.Namespace) -> int:
         print(f"{row['name']:<28} v{row['version']:<4} {row['architecture']:<12} "
               f"acc {_figure(row['accuracy_fp32'])}  agreement fp16 "
               f"{_figure(row['fp16_agreement'])} int8 {_figure(row['int8_agreement'])}  "
-              f"{','.join(row['precisions'])}  {row['created_at']}")
+              f"{','.join(row['precisions'])}  {row['created_at']}"
+              + (f"  distilled from {row['teacher']}" if row["teacher"] else ""))
     return ExitCode.OK
 
 

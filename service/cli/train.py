@@ -73,6 +73,27 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                        help="default: %(default)s")
 
 
+def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "distillation (train on a teacher's logits; docs/distillation.md)")
+    group.add_argument("--teacher", metavar="RUN_DIR|NAME[:VERSION]",
+                       help="a run directory, or a model in --teacher-repository")
+    group.add_argument("--teacher-repository", type=Path, default=defaults.REPOSITORY,
+                       help="where NAME[:VERSION] is looked up (default: ./%(default)s)")
+    group.add_argument("--teacher-precision", choices=["fp32", "fp16", "int8"],
+                       help="which of a repository teacher's artifacts labels (default: fp32)")
+    group.add_argument("--distill-loss", choices=["mse", "kl"],
+                       help="mse on logits or kl at --temperature (default: mse)")
+    group.add_argument("--temperature", type=float, help="for --distill-loss kl (default: 2)")
+    group.add_argument("--alpha", type=float,
+                       help="weight of the gold labels' cross-entropy, 0-1 (default: 0)")
+    group.add_argument("--augment-copies", type=int,
+                       help="augmented copies of each training text (default: 5)")
+    group.add_argument("--unlabelled", type=Path, metavar="FILE",
+                       help="more texts for the teacher to label (CSV/TSV/JSONL; read with "
+                            "--text-column and --format)")
+
+
 def run_config_from_args(args: argparse.Namespace, architecture: str):
     from pydantic import ValidationError
 
@@ -104,12 +125,43 @@ def run_config_from_args(args: argparse.Namespace, architecture: str):
             if architecture != "pretrained":
                 raise CommandError("--base is for -a pretrained", ExitCode.USAGE)
             model["base"] = args.base
+        overrides = distillation_overrides(args)
         return default_run_config(
             architecture, data, training=training, tokenizer=tokenizer, seed=args.seed,
-            model=model,
+            model=model, **overrides,
         )
     except ValidationError as error:
         raise CommandError.invalid_settings(error) from error
+
+
+def distillation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"distillation": {...}}`` when ``--teacher`` is given; the distillation flags without
+    it are a usage error rather than silently ignored."""
+    flags = {"teacher_precision": getattr(args, "teacher_precision", None),
+             "loss": getattr(args, "distill_loss", None),
+             "temperature": getattr(args, "temperature", None),
+             "alpha": getattr(args, "alpha", None)}
+    copies = getattr(args, "augment_copies", None)
+    unlabelled = getattr(args, "unlabelled", None)
+    teacher = getattr(args, "teacher", None)
+    if teacher is None:
+        given = {"--teacher-precision": flags["teacher_precision"],
+                 "--distill-loss": flags["loss"], "--temperature": flags["temperature"],
+                 "--alpha": flags["alpha"], "--augment-copies": copies,
+                 "--unlabelled": unlabelled}
+        for flag, value in given.items():
+            if value is not None:
+                raise CommandError(f"{flag} needs --teacher", ExitCode.USAGE)
+        return {}
+    settings: dict[str, Any] = {"teacher": teacher,
+                                "teacher_repository": str(args.teacher_repository),
+                                **{k: v for k, v in flags.items() if v is not None}}
+    if copies is not None:
+        settings["augmentation"] = {"copies": copies}
+    if unlabelled is not None:
+        settings["unlabelled"] = {"path": str(unlabelled), "text_column": args.text_column,
+                                  "format": args.format}
+    return {"distillation": settings}
 
 
 def default_run_dir(dataset: str, architecture: str) -> Path:
@@ -128,6 +180,7 @@ def handle_train(args: argparse.Namespace) -> int:
     require_training_extra()
     from export.datasets import DatasetError
     from export.pretrained_bases import BaseError
+    from export.teacher import TeacherError
     from export.train import train
 
     config = run_config_from_args(args, args.architecture)
@@ -135,7 +188,7 @@ def handle_train(args: argparse.Namespace) -> int:
     check_run_dir(run_dir, overwrite=args.overwrite)
     try:
         result = train(config, run_dir, progress=not args.json and sys.stderr.isatty())
-    except (DatasetError, BaseError) as error:
+    except (DatasetError, BaseError, TeacherError) as error:
         raise CommandError(str(error), ExitCode.DATA_ERROR) from error
     except ValueError as error:  # e.g. an unknown model hyperparameter
         raise CommandError(str(error), ExitCode.USAGE) from error
@@ -149,14 +202,26 @@ def handle_train(args: argparse.Namespace) -> int:
         "epochs_run": result.epochs_run,
         "duration_seconds": round(result.duration_seconds, 1),
     }
+    teaching = result_distillation(run_dir)
+    if teaching:
+        summary["teacher"] = teaching["teacher"]
+        summary["transfer_set"] = teaching["transfer_set"]
     if args.json:
         print(json.dumps(summary))
     else:
+        taught = (f", distilled from {teaching['teacher']['name']} (test accuracy "
+                  f"{teaching['teacher']['test_accuracy']:.4f}) on "
+                  f"{teaching['transfer_set']['texts']} texts" if teaching else "")
         print(f"{config.architecture} on {config.data.source}: test accuracy "
               f"{result.test.accuracy:.4f}, macro-F1 {result.test.macro_f1:.4f} "
               f"(best epoch {result.best_epoch}/{result.epochs_run}, "
-              f"{result.duration_seconds:.0f}s) → {run_dir}")
+              f"{result.duration_seconds:.0f}s){taught} → {run_dir}")
     return ExitCode.OK
+
+
+def result_distillation(run_dir: Path) -> dict | None:
+    path = run_dir / "distillation.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def add_train_command(commands: argparse._SubParsersAction) -> None:
@@ -174,5 +239,6 @@ def add_train_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON summary line")
     add_dataset_arguments(parser)
     add_training_arguments(parser)
+    add_distillation_arguments(parser)
     parser.set_defaults(handler=handle_train)
 

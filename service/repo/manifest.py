@@ -18,8 +18,9 @@ from service.repo.graph import BATCH_DIM, INPUT_NAMES, OUTPUT_NAME, SEQUENCE_DIM
 
 # 2 added int8 artifacts, optional evaluation and training (imported models), the stored
 # evaluation slice and the model's source; 3 each artifact's batch invariance, int8's
-# quantization, the graph's fused ops and its compute per token. Versions 1 and 2 still load.
-SCHEMA_VERSION = 3
+# quantization, the graph's fused ops and its compute per token; 4 a distilled model's teacher
+# and transfer set. Versions 1 to 3 still load.
+SCHEMA_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 EVALUATION_SLICE_FILE = "evaluation_slice.json"
 
@@ -134,7 +135,7 @@ class EvaluationSlice(_Strict):
 class ModelSource(_Strict):
     """Where the model came from."""
 
-    kind: Literal["trained", "fine-tuned", "huggingface", "onnx"]
+    kind: Literal["trained", "fine-tuned", "distilled", "huggingface", "onnx"]
     base: str | None = Field(default=None, description="pretrained base, for fine-tuned models")
     path: str | None = Field(default=None, description="the imported directory or file")
 
@@ -149,6 +150,38 @@ class TrainingSummary(_Strict):
     test_macro_f1: float
 
 
+class TeacherRecord(_Strict):
+    """The model a distilled student learnt from."""
+
+    kind: Literal["run", "repository"]
+    name: str
+    version: int | None = Field(description="None: a run directory's weights")
+    sha256: str = Field(description="of the ONNX artifact (repository) or the weights (run) "
+                        "that computed the logits")
+    precision: Precision
+    architecture: str
+    test_accuracy: float = Field(description="on the student's test split")
+
+
+class TransferSetRecord(_Strict):
+    texts: int = Field(ge=1)
+    training: int = Field(ge=0, description="training texts, with their gold labels")
+    augmented: int = Field(ge=0)
+    unlabelled: int = Field(ge=0, description="texts from the user's --unlabelled file")
+    dropped_held_out: int = Field(ge=0, description="texts equal to a validation or test text")
+    augmentation: str
+    unlabelled_file: str | None = None
+    labels_from_cache: bool = False
+
+
+class DistillationRecord(_Strict):
+    teacher: TeacherRecord
+    loss: Literal["mse", "kl"]
+    temperature: float | None = Field(default=None, description="kl only")
+    alpha: float = Field(ge=0, le=1, description="weight of the gold labels' cross-entropy")
+    transfer_set: TransferSetRecord
+
+
 class ComputeCost(_Strict):
     """What one token costs the model, read from the fp32 graph at export: the server sizes
     each model's ONNX Runtime thread pool by it."""
@@ -159,7 +192,7 @@ class ComputeCost(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1, 2, 3] = SCHEMA_VERSION
+    schema_version: Literal[1, 2, 3, 4] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$")
     version: int = Field(gt=0)
     architecture: str
@@ -174,6 +207,8 @@ class Manifest(_Strict):
     training: TrainingSummary | None = Field(default=None, description="None: imported")
     source: ModelSource | None = None
     compute: ComputeCost | None = Field(default=None, description="None: schema 1-2")
+    distillation: DistillationRecord | None = Field(
+        default=None, description="None: not distilled (or schema 1-3)")
     created_at: datetime
     source_commit: str | None = None
 

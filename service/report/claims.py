@@ -176,7 +176,7 @@ def transfer_claims(quality: list[dict[str, Any]], cells: list[dict[str, Any]],
     pretrained = next((q for q in quality if q["architecture"] == "pretrained"
                        and q.get("fp32_accuracy") is not None), None)
     scratch = [q for q in quality if q["architecture"] != "pretrained"
-               and q.get("fp32_accuracy") is not None]
+               and not q.get("teacher") and q.get("fp32_accuracy") is not None]
     if pretrained is None or not scratch:
         return []
     best = max(scratch, key=lambda q: q["fp32_accuracy"])

@@ -27,10 +27,12 @@ class Point:
     cpu_ms: dict[int, float]  # length -> server CPU-ms per text
     texts_per_s: dict[int, float]  # length -> texts/s in that cell
     pareto: dict[int, bool] = field(default_factory=dict)
+    teacher: str | None = None  # the teacher's model name, for a distilled model
 
     @property
     def label(self) -> str:
-        return f"{self.architecture} {self.precision}"
+        distilled = " distilled" if self.teacher else ""
+        return f"{self.architecture}{distilled} {self.precision}"
 
 
 def frontier_lengths(cells: list[dict[str, Any]]) -> list[int]:
@@ -59,7 +61,8 @@ def frontier_points(document: dict[str, Any], quality: list[dict[str, Any]]) -> 
         if figure is None:
             continue
         point = points.setdefault(key, Point(cell["model"], cell["architecture"],
-                                             cell["precision"], figure, {}, {}))
+                                             cell["precision"], figure, {}, {},
+                                             teacher=accuracy[cell["model"]].get("teacher")))
         # The first cell seen for a (model, precision, length) wins: the primary run's.
         point.cpu_ms.setdefault(cell["length"], 1000.0 / cell["texts_per_server_cpu_s"])
         point.texts_per_s.setdefault(cell["length"], cell["texts_per_s"])
@@ -126,7 +129,9 @@ def frontier_section(points: list[Point], lengths: list[int]) -> list[str]:
         headers += [f"CPU-ms/text {length} tok", f"texts/s {length} tok", f"front {length}"]
     rows = []
     for point in sorted(points, key=lambda p: (-p.accuracy, p.model, p.precision)):
-        row = [f"{point.architecture} ({point.model})", point.precision, fmt(point.accuracy, 4)]
+        distilled = f", distilled from {point.teacher}" if point.teacher else ""
+        row = [f"{point.architecture} ({point.model}{distilled})", point.precision,
+               fmt(point.accuracy, 4)]
         for length in lengths:
             row += [fmt(point.cpu_ms.get(length), 2), fmt(point.texts_per_s.get(length), 0),
                     "yes" if point.pareto.get(length) else ""]
@@ -169,4 +174,40 @@ def frontier_claims(points: list[Point], lengths: list[int]) -> list[str]:
                 f"{point.architecture} int8 costs {point.cpu_ms[length] / twin.cpu_ms[length]:.2f}"
                 f"x the CPU per text of its fp32 at {length} tokens for "
                 f"{(point.accuracy - twin.accuracy) * 100:+.2f} points of accuracy.")
+    return claims
+
+
+def distillation_claims(points: list[Point], quality: list[dict[str, Any]],
+                        lengths: list[int]) -> list[str]:
+    """For each distilled model: how many of the points its teacher's pretraining bought over
+    the same architecture trained from scratch it keeps, and at what fraction of the
+    teacher's CPU per text (each served at its benchmarked precision)."""
+    claims = []
+    by_name = {q["name"]: q for q in quality}
+    for student in (q for q in quality if q.get("teacher") and q.get("fp32_accuracy")):
+        teacher = by_name.get(student["teacher"])
+        teacher_accuracy = (teacher or {}).get("fp32_accuracy") or student.get(
+            "teacher_test_accuracy")
+        scratch = next((q for q in quality if q["architecture"] == student["architecture"]
+                        and not q.get("teacher") and q.get("fp32_accuracy") is not None), None)
+        if teacher_accuracy is None or scratch is None:
+            continue
+        bought = (teacher_accuracy - scratch["fp32_accuracy"]) * 100
+        kept = (student["fp32_accuracy"] - scratch["fp32_accuracy"]) * 100
+        sentence = (f"The {student['architecture']} distilled from {student['teacher']} "
+                    f"scores {student['fp32_accuracy']:.3f} against {scratch['fp32_accuracy']:.3f}"
+                    f" from scratch and {teacher_accuracy:.3f} for its teacher: it keeps "
+                    f"{kept:+.1f} of the {bought:+.1f} points pretraining bought")
+        costs = []
+        mine = [p for p in points if p.model == student["name"]]
+        theirs = [p for p in points if p.model == student["teacher"]]
+        for length in lengths:
+            cheapest = min((p for p in mine if length in p.cpu_ms),
+                           key=lambda p: p.cpu_ms[length], default=None)
+            rival = min((p for p in theirs if length in p.cpu_ms),
+                        key=lambda p: p.cpu_ms[length], default=None)
+            if cheapest is not None and rival is not None:
+                costs.append(f"{rival.cpu_ms[length] / cheapest.cpu_ms[length]:.1f}x less CPU "
+                             f"per text than the teacher's {rival.precision} at {length} tokens")
+        claims.append(sentence + (", at " + " and ".join(costs) if costs else "") + ".")
     return claims

@@ -49,6 +49,9 @@ def model_quality(document: dict[str, Any], repository: Path | None) -> list[dic
                                "architecture": model["architecture"], "source": "bench"}
         evaluation = model.get("evaluation") or {}
         row.update({key: evaluation.get(key) for key in QUALITY_KEYS})
+        taught = model.get("distillation") or {}
+        row.update(teacher=taught.get("teacher_name"),
+                   teacher_test_accuracy=taught.get("teacher_test_accuracy"))
         if repository is not None:
             directory = repository / model["name"] / str(model["version"])
             manifest = ModelVersion(model["name"], model["version"], directory).load_manifest()
@@ -69,11 +72,21 @@ def _manifest_quality(manifest: Any) -> dict[str, Any]:
             row[f"{precision}_accuracy"] = figures.accuracy if figures else None
             row[f"{precision}_macro_f1"] = figures.macro_f1 if figures else None
             row[f"{precision}_agreement"] = getattr(ev, f"{precision}_agreement")
+    taught = manifest.distillation
+    row.update(teacher=taught.teacher.name if taught else None,
+               teacher_test_accuracy=taught.teacher.test_accuracy if taught else None,
+               transfer_texts=taught.transfer_set.texts if taught else None)
     training = manifest.training
     row.update(epochs=training.epochs if training else None,
                training_seconds=training.duration_seconds if training else None,
                model_bytes={a.precision: a.bytes for a in manifest.artifacts})
     return row
+
+
+def contender(row: dict[str, Any]) -> str:
+    """How the report names a model: its architecture, and its teacher when distilled."""
+    teacher = row.get("teacher")
+    return f"{row['architecture']} distilled from {teacher}" if teacher else row["architecture"]
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
@@ -88,7 +101,7 @@ def _quality_section(quality: list[dict[str, Any]]) -> list[str]:
         sizes = q.get("model_bytes")
         return fmt(sizes["fp32"] / 1e6, 1) if isinstance(sizes, dict) and "fp32" in sizes else "-"
 
-    rows = [[q["architecture"], f"{q['name']} v{q['version']}", fmt(q.get("fp32_accuracy"), 4),
+    rows = [[contender(q), f"{q['name']} v{q['version']}", fmt(q.get("fp32_accuracy"), 4),
              fmt(q.get("fp16_accuracy"), 4), fmt(q.get("int8_accuracy"), 4),
              fmt(q.get("fp32_macro_f1"), 4), fmt(q.get("fp16_agreement"), 4),
              fmt(q.get("int8_agreement"), 4), fmt(q.get("examples")),
@@ -258,6 +271,7 @@ def write_report(document: dict[str, Any], quality: list[dict[str, Any]], out: P
     machine = document.get("machine", {})
     claims = [*rc.speed_claims(cells, primary), *rc.quality_claims(quality),
               *rc.transfer_claims(quality, cells, primary),
+              *frontier.distillation_claims(points, quality, lengths),
               *rc.overhead_claims(document["overhead"], document.get("runs", [])),
               *rc.spinning_claims(cells), *frontier.frontier_claims(points, lengths),
               *reference_claims(document)]

@@ -25,7 +25,7 @@ from export.publish import VersionExistsError, publish, staging_directory
 from service.cli.exit_codes import ExitCode
 from service.cli.main import main
 from service.repo.layout import latest_version, versions
-from service.repo.manifest import Manifest, ManifestError, sha256_file
+from service.repo.manifest import SCHEMA_VERSION, Manifest, ManifestError, sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -91,7 +91,7 @@ def test_export_publishes_gated_fp32_fp16_and_int8(architecture, runs, tmp_path,
     else:
         assert evaluation.int8 is None and evaluation.int8_agreement is None
     assert manifest.compute.weight_flops_per_token > 0
-    assert manifest.schema_version == 3 and manifest.source.kind == "trained"
+    assert manifest.schema_version == SCHEMA_VERSION and manifest.source.kind == "trained"
     # The stored evaluation slice: texts, labels and fp32 probabilities, hashed.
     stored = manifest.evaluation_slice
     slice_path = model_version.directory / stored.file

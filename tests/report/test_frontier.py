@@ -8,6 +8,7 @@ from typing import Any
 from harness.cli import is_png
 
 from service.report.frontier import (
+    distillation_claims,
     front,
     frontier_chart,
     frontier_claims,
@@ -83,3 +84,26 @@ def test_served_defaults_against_fp32_at_its_best_thread_count() -> None:
     [best] = best_fp32_reference({"fp32_reference": rows})
     assert (best["threads"], best["fp32_texts_per_s"]) == (2, 20.0)
     assert best["ratio"] == 36.0 / 20.0
+
+
+def test_a_distilled_model_is_its_own_point_and_claims_what_it_kept() -> None:
+    quality = [*QUALITY, {"name": "pupil", "architecture": "lstm", "fp32_accuracy": 0.82,
+                          "teacher": "big", "teacher_test_accuracy": 0.84}]
+    quality[0] = {**quality[0], "architecture": "lstm"}
+    document = _document()
+    document["cells"] += [_cell("pupil", "lstm", "fp32", 16, 1.0),
+                          _cell("pupil", "lstm", "fp32", 256, 4.0)]
+    points = frontier_points(document, quality)
+    pupil = next(p for p in points if p.model == "pupil")
+    assert pupil.label == "lstm distilled fp32" and pupil.teacher == "big"
+    # Nearly as cheap as the LSTM and more accurate: on the front at both lengths, and the
+    # plain LSTM stays on it only where it is cheaper.
+    assert pupil.pareto == {16: True, 256: True}
+    claims = distillation_claims(points, quality, [16, 256])
+    assert claims == [
+        "The lstm distilled from big scores 0.820 against 0.760 from scratch and 0.840 for its "
+        "teacher: it keeps +6.0 of the +8.0 points pretraining bought, at 6.0x less CPU per "
+        "text than the teacher's int8 at 16 tokens and 12.5x less CPU per text than the "
+        "teacher's int8 at 256 tokens."]
+    section = "\n".join(frontier_section(points, [16, 256]))
+    assert "| lstm (pupil, distilled from big) | fp32 | 0.8200 |" in section

@@ -169,7 +169,7 @@ class FailedVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes", "precision_reason", "intra_op_threads", "intra_op_threads_reason", "fused_ops")
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes", "precision_reason", "intra_op_threads", "intra_op_threads_reason", "fused_ops", "distillation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class ModelInfo(_message.Message):
     INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
     INTRA_OP_THREADS_REASON_FIELD_NUMBER: _ClassVar[int]
     FUSED_OPS_FIELD_NUMBER: _ClassVar[int]
+    DISTILLATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     available_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -218,7 +219,38 @@ class ModelInfo(_message.Message):
     intra_op_threads: int
     intra_op_threads_reason: str
     fused_ops: _containers.RepeatedCompositeFieldContainer[FusedOp]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., intra_op_threads_reason: _Optional[str] = ..., fused_ops: _Optional[_Iterable[_Union[FusedOp, _Mapping]]] = ...) -> None: ...
+    distillation: Distillation
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., intra_op_threads_reason: _Optional[str] = ..., fused_ops: _Optional[_Iterable[_Union[FusedOp, _Mapping]]] = ..., distillation: _Optional[_Union[Distillation, _Mapping]] = ...) -> None: ...
+
+class Distillation(_message.Message):
+    __slots__ = ("teacher_name", "teacher_version", "teacher_sha256", "teacher_kind", "teacher_architecture", "teacher_precision", "teacher_test_accuracy", "loss", "transfer_texts", "transfer_training", "transfer_augmented", "transfer_unlabelled", "augmentation")
+    TEACHER_NAME_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_KIND_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_TRAINING_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_AUGMENTED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_UNLABELLED_FIELD_NUMBER: _ClassVar[int]
+    AUGMENTATION_FIELD_NUMBER: _ClassVar[int]
+    teacher_name: str
+    teacher_version: int
+    teacher_sha256: str
+    teacher_kind: str
+    teacher_architecture: str
+    teacher_precision: str
+    teacher_test_accuracy: float
+    loss: str
+    transfer_texts: int
+    transfer_training: int
+    transfer_augmented: int
+    transfer_unlabelled: int
+    augmentation: str
+    def __init__(self, teacher_name: _Optional[str] = ..., teacher_version: _Optional[int] = ..., teacher_sha256: _Optional[str] = ..., teacher_kind: _Optional[str] = ..., teacher_architecture: _Optional[str] = ..., teacher_precision: _Optional[str] = ..., teacher_test_accuracy: _Optional[float] = ..., loss: _Optional[str] = ..., transfer_texts: _Optional[int] = ..., transfer_training: _Optional[int] = ..., transfer_augmented: _Optional[int] = ..., transfer_unlabelled: _Optional[int] = ..., augmentation: _Optional[str] = ...) -> None: ...
 
 class FusedOp(_message.Message):
     __slots__ = ("op_type", "count")

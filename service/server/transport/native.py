@@ -13,7 +13,7 @@ import grpc
 
 from protos.seqserve.v1 import seqserve_pb2 as pb
 from protos.seqserve.v1 import seqserve_pb2_grpc as pb_grpc
-from service.repo.manifest import Evaluation, ModelSource
+from service.repo.manifest import DistillationRecord, Evaluation, ModelSource
 from service.server.core import ClassifyCall, ClassifyOutcome, InferenceCore, ModelView
 from service.server.device_gate import DeviceGateResult
 from service.server.errors import ServingError
@@ -77,12 +77,29 @@ def to_evaluation(ev: Evaluation) -> pb.Evaluation:
     return evaluation
 
 
-def describe_source(source: ModelSource | None) -> str:
+def describe_source(source: ModelSource | None,
+                    distillation: DistillationRecord | None = None) -> str:
     if source is None:
         return ""
     if source.kind == "fine-tuned":
         return f"fine-tuned from {source.base}"
+    if source.kind == "distilled" and distillation is not None:
+        teacher = distillation.teacher
+        return (f"distilled from {teacher.name}"
+                + (f" v{teacher.version}" if teacher.version is not None else " (a run)"))
     return f"{source.kind} {source.path}" if source.path else source.kind
+
+
+def to_distillation(record: DistillationRecord) -> pb.Distillation:
+    teacher, transfer = record.teacher, record.transfer_set
+    return pb.Distillation(
+        teacher_name=teacher.name, teacher_version=teacher.version or 0,
+        teacher_sha256=teacher.sha256, teacher_kind=teacher.kind,
+        teacher_architecture=teacher.architecture, teacher_precision=teacher.precision,
+        teacher_test_accuracy=teacher.test_accuracy, loss=record.loss,
+        transfer_texts=transfer.texts, transfer_training=transfer.training,
+        transfer_augmented=transfer.augmented, transfer_unlabelled=transfer.unlabelled,
+        augmentation=transfer.augmentation)
 
 
 def to_model_info(view: ModelView) -> pb.ModelInfo:
@@ -98,7 +115,7 @@ def to_model_info(view: ModelView) -> pb.ModelInfo:
         failed_versions=[pb.FailedVersion(version=v, reason=r)
                          for v, r in sorted(view.failed_versions.items())],
         max_texts_per_request=view.max_texts_per_request,
-        source=describe_source(manifest.source),
+        source=describe_source(manifest.source, manifest.distillation),
     )
     if manifest.evaluation is not None:
         info.evaluation.CopyFrom(to_evaluation(manifest.evaluation))
@@ -113,6 +130,8 @@ def to_model_info(view: ModelView) -> pb.ModelInfo:
                               for op, count in sorted(artifact.fused_ops.items()))
         if artifact.batch_max_abs_diff is not None and manifest.evaluation is not None:
             info.evaluation.batch_max_abs_diff = artifact.batch_max_abs_diff
+    if manifest.distillation is not None:
+        info.distillation.CopyFrom(to_distillation(manifest.distillation))
     info.placement.extend(pb.NodePlacement(provider=provider, nodes=count)
                           for provider, count in sorted(selection.placement.nodes.items()))
     info.cpu_compute_nodes.extend(selection.placement.cpu_compute_nodes)
