@@ -63,3 +63,48 @@ def test_build_skips_models_already_in_the_repository(three_architectures, tmp_p
     assert [(m["name"], m["version"], m["skipped"]) for m in report["models"]] == [
         ("sentiment-lstm", 1, True), ("sentiment-transformer", 1, True),
         ("sentiment-pretrained", 1, True)]
+
+
+def add_distilled(repository: Path, three_architectures: Path) -> None:
+    """The tiny LSTM published again as ``sentiment-distilled``, its manifest saying it was
+    taught by sentiment-pretrained (what ``build --distilled`` writes)."""
+    version = shutil.copytree(three_architectures / LSTM_NAME / "1",
+                              repository / "sentiment-distilled" / "1")
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest.update(name="sentiment-distilled", source={"kind": "distilled"}, distillation={
+        "teacher": {"kind": "repository", "name": "sentiment-pretrained", "version": 1,
+                    "sha256": "0" * 64, "precision": "fp32", "architecture": "pretrained",
+                    "test_accuracy": 0.84},
+        "loss": "mse", "alpha": 0.0,
+        "transfer_set": {"texts": 60, "training": 10, "augmented": 50, "unlabelled": 0,
+                         "dropped_held_out": 0, "augmentation": "5 copies"}})
+    (version / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_demo_compares_the_distilled_model_when_the_repository_has_it(three_architectures,
+                                                                     tmp_path, capsys):
+    repository = default_named_repository(three_architectures, tmp_path / "repo")
+    add_distilled(repository, three_architectures)
+    assert main(["build", "--repository", str(repository), "--distilled",
+                 "--json"]) == ExitCode.OK
+    report = json.loads(capsys.readouterr().out)
+    assert report["models"][-1] == {"name": "sentiment-distilled", "version": 1,
+                                    "skipped": True,
+                                    "path": str(repository / "sentiment-distilled" / "1")}
+    run = subprocess.run([sys.executable, "-m", "service", "demo", "--repository",
+                          str(repository), "--distilled"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines()
+            if line.startswith(("lstm ", "transformer ", "pretrained "))]
+    assert [" ".join(row[:2]) for row in rows][-1] == "lstm distilled"
+    assert "sentiment-distilled v1 (lstm, fp32 on cpu)" in run.stdout
+    header = next(line for line in run.stdout.splitlines() if line.startswith("text "))
+    assert header.rstrip().endswith("sentiment-distilled")
+
+
+def test_build_distilled_needs_its_teacher(tmp_path, capsys):
+    code = main(["build", "--repository", str(tmp_path / "empty"), "--distilled",
+                 "--no-pretrained"])
+    assert code == ExitCode.USAGE
+    assert "--distilled needs its teacher sentiment-pretrained" in capsys.readouterr().err
