@@ -177,11 +177,15 @@ def build_defaults(repository: Path, runs: Path, *, options: ExportOptions,
 
 
 def distilled_config(student: Any, repository: Path) -> Any:
-    """The LSTM's build config, taught by the repository's fine-tuned model."""
-    from export.config import DistillationConfig
+    """The LSTM's build config, taught by the repository's fine-tuned model, with the
+    distillation defaults ``seqserve train --teacher`` applies."""
+    from export.config import RunConfig, default_run_config
 
-    return student.model_copy(update={"distillation": DistillationConfig(
-        teacher=DISTILLED_TEACHER, teacher_repository=str(repository))})
+    config: RunConfig = default_run_config(
+        "lstm", student.data, model=student.model, tokenizer=student.tokenizer.model_dump(),
+        training=student.training.model_dump(exclude={"patience"}), seed=student.seed,
+        distillation={"teacher": DISTILLED_TEACHER, "teacher_repository": str(repository)})
+    return config
 
 
 def handle_build(args: argparse.Namespace) -> int:

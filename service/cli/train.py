@@ -88,7 +88,7 @@ def add_distillation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=float,
                        help="weight of the gold labels' cross-entropy, 0-1 (default: 0)")
     group.add_argument("--augment-copies", type=int,
-                       help="augmented copies of each training text (default: 5)")
+                       help="augmented copies of each training text (default: 4)")
     group.add_argument("--unlabelled", type=Path, metavar="FILE",
                        help="more texts for the teacher to label (CSV/TSV/JSONL; read with "
                             "--text-column and --format)")

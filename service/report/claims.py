@@ -131,6 +131,12 @@ def _trend(subset: list[dict[str, Any]], models: list[str], names: dict[str, str
             "per-request costs (gRPC, batching delay) that dilute the difference in compute."]
 
 
+def contender(row: dict[str, Any]) -> str:
+    """How the report names a model: its architecture, and its teacher when distilled."""
+    teacher = row.get("teacher")
+    return f"{row['architecture']} distilled from {teacher}" if teacher else row["architecture"]
+
+
 def quality_claims(quality: list[dict[str, Any]]) -> list[str]:
     rows = [q for q in quality if q.get("fp32_accuracy") is not None]
     lines = []
@@ -149,21 +155,21 @@ def quality_claims(quality: list[dict[str, Any]]) -> list[str]:
                      f" — within twice its standard error ({se:.3f}) on {n} examples, so not a "
                      "clear difference")
         lines.append(f"Quality (fp32, {best.get('dataset', '?')} {best.get('split', '?')}): "
-                     f"{best['architecture']} {best['fp32_accuracy']:.3f} accuracy / macro-F1 "
-                     f"{fmt(best.get('fp32_macro_f1'), 3)} vs {other['architecture']} "
+                     f"{contender(best)} {best['fp32_accuracy']:.3f} accuracy / macro-F1 "
+                     f"{fmt(best.get('fp32_macro_f1'), 3)} vs {contender(other)} "
                      f"{other['fp32_accuracy']:.3f} / {fmt(other.get('fp32_macro_f1'), 3)}: "
-                     f"{best['architecture']} is ahead by {diff * 100:.1f} points{noise}.")
+                     f"{contender(best)} is ahead by {diff * 100:.1f} points{noise}.")
     for q in rows:
         for precision in ("fp16", "int8"):
             agreement, accuracy = q.get(f"{precision}_agreement"), q.get(f"{precision}_accuracy")
             if agreement is None or accuracy is None:
-                lines.append(f"{q['architecture']}: no {precision} evaluation in the manifest.")
+                lines.append(f"{contender(q)}: no {precision} evaluation in the manifest.")
                 continue
             changed = round((1 - agreement) * (q.get("examples") or 0))
             delta = (accuracy - q["fp32_accuracy"]) * 100
             hurt = agreement < 1.0 or delta < 0
             lines.append(f"{precision} {'changed' if hurt else 'did not hurt'} "
-                         f"{q['architecture']}: agreement with fp32 {agreement:.4f} ({changed} "
+                         f"{contender(q)}: agreement with fp32 {agreement:.4f} ({changed} "
                          f"label(s) changed), accuracy {delta:+.2f} points.")
     return lines
 

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service.report.claims import contender
+
 REPORT_FILE = "report.md"
 BENCH_SCHEMA_VERSION = 1
 
@@ -81,12 +83,6 @@ def _manifest_quality(manifest: Any) -> dict[str, Any]:
                training_seconds=training.duration_seconds if training else None,
                model_bytes={a.precision: a.bytes for a in manifest.artifacts})
     return row
-
-
-def contender(row: dict[str, Any]) -> str:
-    """How the report names a model: its architecture, and its teacher when distilled."""
-    teacher = row.get("teacher")
-    return f"{row['architecture']} distilled from {teacher}" if teacher else row["architecture"]
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
