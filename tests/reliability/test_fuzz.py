@@ -1,11 +1,12 @@
 """Property-based fuzzing of both APIs and the stream against one real server.
 
 Random unicode (control and format characters, whitespace-only, empty, far over the byte
-limits), many texts, random model names and versions, malformed v2 tensors and length prefixes,
-and raw or mutated bytes as request bodies. The property, for every call: the status is one the
-protos document for it (never UNKNOWN, INTERNAL or a DEADLINE_EXCEEDED from a stuck server),
-its message is bounded and names no Python exception, an answer has the shape the request
-asked for, ClassifyStream answers every message; and afterwards the server still serves.
+limits), many texts, random model names and versions, malformed v2 tensors and length prefixes
+(and raw entries beside contents, or more than one per input), and raw or mutated bytes as
+request bodies. The property, for every call: the status is one the protos document for it
+(never UNKNOWN, INTERNAL or a DEADLINE_EXCEEDED from a stuck server), its message is bounded and
+names no Python exception, an answer has the shape the request asked for, ClassifyStream
+answers every message; and afterwards the server still serves.
 """
 
 from __future__ import annotations
@@ -285,6 +286,27 @@ def corrupted(draw: st.DrawFn, raw: bytes) -> bytes:
     return bytes(data)
 
 
+# What a plausible request may get wrong in how it carries its data, against KServe v2's rule
+# (raw_input_contents: one entry per input; then no input has contents). Mostly nothing.
+RAW_DEFECTS = st.sampled_from([None] * 6 + ["second raw", "contents too", "empty contents too"])
+
+
+def add_raw_defect(request: ip.ModelInferRequest, defect: str | None, items: list[bytes]
+                   ) -> None:
+    if defect == "second raw":  # the first entry is valid: only strict decoding refuses it
+        request.raw_input_contents.append(encode_bytes_tensor(items))
+    elif defect == "contents too":
+        request.inputs[0].contents.bytes_contents.extend(items)
+    elif defect == "empty contents too":
+        request.inputs[0].contents.SetInParent()
+
+
+def breaks_raw_rule(request: ip.ModelInferRequest) -> bool:
+    raw = request.raw_input_contents
+    return bool(raw) and (len(raw) != len(request.inputs)
+                          or any(t.HasField("contents") for t in request.inputs))
+
+
 @st.composite
 def infer_requests(draw: st.DrawFn) -> ip.ModelInferRequest:
     plausible = draw(st.booleans())  # mostly answered: a known model, one TEXT tensor
@@ -309,11 +331,15 @@ def infer_requests(draw: st.DrawFn) -> ip.ModelInferRequest:
         set_parameters(tensor, draw(st.dictionaries(st.text(CHARS, max_size=6), PARAMETER,
                                                     max_size=2)))
         encoding = "raw" if plausible else draw(
-            st.sampled_from(["raw", "raw", "contents", "both", "corrupted", "none"]))
+            st.sampled_from(["raw", "raw", "contents", "both", "twice", "corrupted", "none"]))
         if encoding in ("contents", "both"):
             tensor.contents.bytes_contents.extend(items)
-        if encoding in ("raw", "both"):
+        if encoding in ("raw", "both", "twice"):
             request.raw_input_contents.append(encode_bytes_tensor(items))
+        if encoding == "twice":  # one input, two entries
+            request.raw_input_contents.append(encode_bytes_tensor(items))
+        if plausible:
+            add_raw_defect(request, draw(RAW_DEFECTS), items)
         if encoding == "corrupted":
             request.raw_input_contents.append(draw(corrupted(encode_bytes_tensor(items))))
     if not plausible:
@@ -396,8 +422,10 @@ def test_every_method_takes_garbage(counted: Wire, path: str, data: bytes) -> No
 @FUZZ
 @given(request=infer_requests())
 def test_model_infer_tensors(counted: Wire, request: ip.ModelInferRequest) -> None:
-    code, answer = counted.unary(f"{INFERENCE}/ModelInfer", request.SerializeToString(),
-                                 ip.ModelInferResponse)
+    data = request.SerializeToString()
+    code, answer = counted.unary(f"{INFERENCE}/ModelInfer", data, ip.ModelInferResponse)
+    if breaks_raw_rule(ip.ModelInferRequest.FromString(data)):  # as the server parsed it
+        assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), code
     if code is grpc.StatusCode.OK:
         count = request.inputs[0].shape[0]
         assert answer.model_name == request.model_name and answer.id == request.id

@@ -136,6 +136,97 @@ def test_unknown_output_is_refused(stub) -> None:
     assert "LOGITS" in caught.value.details()
 
 
+# --- strict decoding: raw_input_contents is one entry per input, and then no contents -----
+
+def _two_raw_entries() -> pb.ModelInferRequest:
+    request = _request([b"good"])  # a valid first entry: only the second one is wrong
+    request.raw_input_contents.append(encode_bytes_tensor([b"bad"]))
+    return request
+
+
+def _three_raw_entries() -> pb.ModelInferRequest:
+    request = _two_raw_entries()
+    request.raw_input_contents.append(b"")
+    return request
+
+
+def _raw_and_contents() -> pb.ModelInferRequest:
+    request = _request([b"good"])
+    request.inputs[0].contents.bytes_contents.append(b"good")  # the same text: still both
+    return request
+
+
+def _raw_and_empty_contents() -> pb.ModelInferRequest:
+    request = _request([b"good"])
+    request.inputs[0].contents.SetInParent()  # present on the wire, though it holds nothing
+    return request
+
+
+MIXED = "TEXT: has contents and raw_input_contents is used too"
+STRICT_REFUSALS = {
+    "two-raw-entries": (_two_raw_entries, "TEXT: raw_input_contents holds 2 entries for 1 input"),
+    "three-raw-entries": (_three_raw_entries,
+                          "TEXT: raw_input_contents holds 3 entries for 1 input"),
+    "raw-and-contents": (_raw_and_contents, MIXED),
+    "raw-and-empty-contents": (_raw_and_empty_contents, MIXED),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRICT_REFUSALS))
+def test_raw_input_contents_are_one_entry_per_input_and_never_beside_contents(
+        stub, case: str) -> None:
+    build, fragment = STRICT_REFUSALS[case]
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(build())
+    details = caught.value.details()
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (caught.value.code(), details)
+    assert details.startswith(fragment) and "accepted: " in details, details
+
+
+LSTM_LABELS = {"model": LSTM_NAME, "version": "1", "architecture": "lstm", "precision": "fp32",
+               "device": "cpu"}
+UNRESOLVED = dict.fromkeys(LSTM_LABELS, "")
+
+
+def _skin_refusals(server: RunningServer, labels: dict[str, str]) -> tuple[float, float]:
+    """Refusals the skin counts before the core, under ``labels``."""
+    registry = server.server.metrics.registry
+    return tuple(registry.get_sample_value(name, {**labels, **extra}) or 0.0 for name, extra
+                 in (("seqserve_rejections_total", {"reason": "invalid_argument"}),
+                     ("seqserve_requests_total", {"code": "INVALID_ARGUMENT"})))
+
+
+def test_strict_refusals_are_counted_under_the_model_they_name(
+        stub, shared_server: RunningServer) -> None:
+    before = _skin_refusals(shared_server, LSTM_LABELS)
+    unresolved_before = _skin_refusals(shared_server, UNRESOLVED)
+    for build, _ in STRICT_REFUSALS.values():
+        with pytest.raises(grpc.RpcError):
+            stub.ModelInfer(build())
+    count = len(STRICT_REFUSALS)
+    # Under the served model's labels, where its dashboards and alerts look.
+    assert _skin_refusals(shared_server, LSTM_LABELS) == (before[0] + count, before[1] + count)
+    # A name no model is served under is counted under empty labels, never as a label value.
+    unknown = _two_raw_entries()
+    unknown.model_name = "no-such-model"
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(unknown)
+    assert _skin_refusals(shared_server, UNRESOLVED) == (unresolved_before[0] + 1,
+                                                         unresolved_before[1] + 1)
+
+
+def test_one_raw_entry_or_contents_alone_still_answer_alike(stub) -> None:
+    texts = [b"good movie", b"bad plot"]
+    raw = stub.ModelInfer(_request(texts))
+    typed = stub.ModelInfer(_request(texts, raw=False))
+    assert [o.name for o in raw.outputs] == [o.name for o in typed.outputs] == list(
+        ("LABEL", "SCORE", "PROBABILITIES"))
+    assert decode_bytes_tensor(raw.raw_output_contents[0]) == decode_bytes_tensor(
+        typed.raw_output_contents[0])
+    assert np.allclose(np.frombuffer(raw.raw_output_contents[2], "<f4"),
+                       np.frombuffer(typed.raw_output_contents[2], "<f4"), atol=1e-6)
+
+
 def message_fields(descriptor: Any) -> dict[str, Any]:
     """Field name -> [number, type], nested messages (not map entries) recursively."""
     out: dict[str, Any] = {f.name: [f.number, f.type] for f in descriptor.fields}

@@ -73,6 +73,29 @@ def parse_version(text: str, field: str) -> int | None:
     return int(text)
 
 
+def elements_of(request: pb.ModelInferRequest) -> list[bytes]:
+    """The input's BYTES elements, from ``raw_input_contents`` or from its ``contents``.
+
+    Called once ``texts_of`` has checked there is exactly one input. Strict, as KServe v2 says
+    (raw entries one per input, in input order; then no input carries ``contents``): taking the
+    first raw entry of several, or raw over contents, would classify other data than a confused
+    client meant to send, and answer OK.
+    """
+    raw, tensor = request.raw_input_contents, request.inputs[0]
+    if not raw:
+        return list(tensor.contents.bytes_contents)
+    # Presence, not emptiness: an empty contents message beside raw data is still both.
+    if tensor.HasField("contents"):
+        raise invalid(f"{INPUT}: has contents and raw_input_contents is used too; accepted: "
+                      f"the data in raw_input_contents (one entry per input) or in "
+                      f"contents.bytes_contents, not both")
+    if len(raw) != len(request.inputs):
+        raise invalid(f"{INPUT}: raw_input_contents holds {len(raw)} entries for "
+                      f"{len(request.inputs)} input; accepted: exactly one entry per input, in "
+                      f"input order")
+    return decode_bytes_tensor(raw[0])
+
+
 def texts_of(request: pb.ModelInferRequest) -> list[str]:
     if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
         names = quoted_all([t.name for t in request.inputs])  # bounded: the caller chose them
@@ -83,10 +106,7 @@ def texts_of(request: pb.ModelInferRequest) -> list[str]:
     shape = list(tensor.shape)
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
         raise invalid(f"{INPUT}: shape must be [N] or [N, 1], got {quoted_all(shape)}")
-    if request.raw_input_contents:
-        items = decode_bytes_tensor(request.raw_input_contents[0])
-    else:
-        items = list(tensor.contents.bytes_contents)
+    items = elements_of(request)
     if len(items) != shape[0]:
         raise invalid(f"{INPUT}: shape says {shape[0]} elements, data holds {len(items)}")
     texts = []
@@ -181,7 +201,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 deadline=deadline_of(context), field=INPUT,
             )
         except ServingError as error:
-            self._core.refused(error)  # never reached the core: count it here
+            # Never reached the core: counted here, under the model when it is served.
+            self._core.refused(error, request.model_name)
             await abort(context, error)
         try:
             outcome = await self._core.classify(call)
