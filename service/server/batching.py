@@ -3,8 +3,9 @@
 Shape (after TEI's ``queue.rs`` and MLServer's adaptive batcher, without their gaps):
 
 * ``submit`` is the one call a request makes: admission at once (UNAVAILABLE while closing,
-  RESOURCE_EXHAUSTED beyond the queue bound), then its texts go to an inbox and a future comes
-  back that resolves to a ``BatchOutcome`` value. Nothing a request holds is written by anyone
+  RESOURCE_EXHAUSTED beyond the queue bound or when the queued work would delay it too long:
+  ``admission.py``), then its texts go to an inbox and a future comes back that resolves to a
+  ``BatchOutcome`` value. Nothing a request holds is written by anyone
   else: the scheduler task alone owns the pending texts and the per-request bookkeeping.
 * A batch closes when it is full (``max_texts`` texts or ``max_tokens`` padded tokens, the cost
   model: longest row x rows) or when its oldest text has waited ``max_delay``, and at once when
@@ -15,7 +16,10 @@ Shape (after TEI's ``queue.rs`` and MLServer's adaptive batcher, without their g
   one more batch instead. The LSTM pays for every padded step.
 * Exactly one prepared batch waits while another runs, so the model thread never waits for the
   event loop between batches; texts that arrive meanwhile make the next batch larger, which is
-  what adapts batch size to load.
+  what adapts batch size to load. The prepared batch is handed over shortly before the running
+  one is expected to end (the model's rate is measured, ``admission.ServiceRate``), not as soon
+  as its first text has waited ``max_delay``: it could not start earlier anyway, and under load
+  it then leaves full instead of with the few texts of the first milliseconds.
 * Inference runs in one dedicated thread per model (ORT releases the GIL). The thread drops
   rows whose caller has gone or whose deadline has passed before it computes, re-pads what is
   left, and hands the result back with one ``call_soon_threadsafe``: a batch's futures are all
@@ -39,10 +43,17 @@ import numpy as np
 
 from service.repo.probabilities import softmax
 from service.repo.tokenization import pad_batch
+from service.server.admission import Demand, QueueAdmission, ServiceRate
 from service.server.errors import ServingError, unavailable
 from service.server.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
+
+# The next batch goes to the model thread this long before the running one is expected to
+# end: a share of the time its oldest text has waited anyway plus a floor, so that a late
+# event loop or a rate estimate a little off never leaves the model idle between batches.
+HAND_OVER_LEAD = 0.2
+MIN_LEAD_S = 0.001
 
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (input_ids, attention_mask) -> logits
 
@@ -89,6 +100,7 @@ class Batch:
     items: list[Item]
     input_ids: np.ndarray = field(repr=False)
     attention_mask: np.ndarray = field(repr=False)
+    expected_end: float | None = None  # monotonic; set once it starts, if the rate is known
 
 
 @dataclass(eq=False)
@@ -104,6 +116,7 @@ class _Done:
     real_tokens: int
     padded_tokens: int
     error: Exception | None = None
+    thread_seconds: float = 0.0
 
 
 def select_batch(
@@ -152,6 +165,7 @@ class Batcher:
         max_queue: int,
         metrics: ModelMetrics | None = None,
         pad_id: int = 0,
+        admission: QueueAdmission | None = None,
     ) -> None:
         self.name = name
         self.num_labels = num_labels
@@ -161,12 +175,16 @@ class Batcher:
         self._max_delay, self._cost_tokens = max_delay_s, cost_tokens
         self._metrics = metrics
         self._pad_id = pad_id
+        self._admission = admission
+        self.rate = ServiceRate()
+        self.demand = Demand()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[Item] = deque()
         self._waiter: asyncio.Future[bool] | None = None  # the scheduler, when it waits
         self._pending: list[Item] = []  # owned by the scheduler
         self._in_thread: list[Batch] = []  # handed to the model thread, not yet reported back
         self._depth = 0  # texts submitted and not yet running (or dropped): the queue
+        self._depth_tokens = 0  # their real tokens
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -186,35 +204,49 @@ class Batcher:
         self._scheduler = asyncio.create_task(self._schedule(), name=f"batcher-{self.name}")
 
     def submit(self, token_ids: list[list[int]], deadline: float | None, *,
-               limit: int | None = None) -> asyncio.Future[BatchOutcome]:
+               share: float = 1.0) -> asyncio.Future[BatchOutcome]:
         """Queue every text of one request, or none: raises RESOURCE_EXHAUSTED or UNAVAILABLE.
 
-        ``limit`` lowers the queue bound for this request (mirrored traffic uses part of it).
+        ``share`` scales the queue's bounds for this request (mirrored traffic uses part).
         """
-        self.check_room(len(token_ids), limit)
+        self.check_room(len(token_ids), deadline, share=share)
         assert self._loop is not None, "not started"
         now = time.monotonic()
         request = _Request(self._loop.create_future(),
                            np.zeros((len(token_ids), self.num_labels), dtype=np.float32),
                            len(token_ids), deadline, now)
-        self._inbox.extend(Item(request, i, ids) for i, ids in enumerate(token_ids))
-        self._set_depth(self._depth + len(token_ids))
+        items = [Item(request, i, ids) for i, ids in enumerate(token_ids)]
+        self._inbox.extend(items)
+        self.demand.offered(len(items), now)
+        self._set_depth(self._depth + len(items), self._depth_tokens + _tokens(items))
         self._notify()
         return request.future
 
-    def check_room(self, texts: int, limit: int | None = None) -> None:
+    def check_room(self, texts: int, deadline: float | None = None, *,
+                   share: float = 1.0) -> None:
         """Raises UNAVAILABLE while closing, RESOURCE_EXHAUSTED when ``texts`` more would
-        overfill the queue (``limit``: a lower bound for this request)."""
+        overfill the queue or the work already queued would hold them too long (``share``:
+        the part of the bounds this request may use)."""
         if self._closing:
             raise unavailable(f"model {self.name} is being unloaded; retry")
-        limit = self.max_queue if limit is None else limit
+        limit = self.max_queue if share >= 1.0 else int(self.max_queue * share)
         if self._depth + texts > limit:
+            self.demand.offered(texts, time.monotonic())
             raise ServingError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"model {self.name}: queue full ({self._depth} texts waiting, limit {limit});"
                 " retry later",
                 "queue_full",
             )
+        if self._admission is not None:
+            now = time.monotonic()
+            left = None if deadline is None else deadline - now
+            try:
+                self._admission.check(self.name, self._depth, self._depth_tokens, self.rate,
+                                      self.demand, now, left, share)
+            except ServingError:
+                self.demand.offered(texts, now)  # refused demand is demand all the same
+                raise
 
     async def close(self, timeout: float) -> None:
         """Refuse new work, let queued work finish (up to ``timeout``), then stop."""
@@ -256,8 +288,14 @@ class Batcher:
                 continue
             if self._in_thread and not self._full():
                 # The model is busy: the next batch may gather texts until its oldest text has
-                # waited max_delay, or a report wakes us (the model then has room).
+                # waited max_delay, or a report wakes us (the model then has room). It cannot
+                # start before the running batch ends, so until shortly before that, waiting
+                # costs its texts nothing and lets more join it.
                 flush_at = self._pending[0].request.enqueued_at + self._max_delay
+                running_end = self._in_thread[0].expected_end
+                if running_end is not None:
+                    flush_at = max(flush_at, running_end - HAND_OVER_LEAD * (
+                        running_end - self._pending[0].request.enqueued_at) - MIN_LEAD_S)
                 left = flush_at - time.monotonic()
                 if left > 0 and await self._wait(left):
                     continue
@@ -277,7 +315,9 @@ class Batcher:
         self._in_thread.append(batch)
         self._idle.clear()
         if len(self._in_thread) == 1:  # the thread is idle: this batch starts now
-            self._set_depth(self._depth - len(chosen))
+            self._set_depth(self._depth - len(chosen), self._depth_tokens - _tokens(chosen))
+            self._expect_end(batch, now)
+            self.demand.batch_started(now)
         self._work.put(batch)
 
     async def _wait(self, timeout: float | None) -> bool:
@@ -319,7 +359,10 @@ class Batcher:
     def _model_thread(self) -> None:
         assert self._loop is not None
         while (batch := self._work.get()) is not None:
+            began = time.monotonic()
             done = self._run(batch)
+            # The thread's whole time on the batch, what the queue behind it waits for.
+            done.thread_seconds = time.monotonic() - began
             try:
                 self._loop.call_soon_threadsafe(self._finish, done)
             except RuntimeError:  # the loop has closed: nobody is waiting any more
@@ -354,8 +397,15 @@ class Batcher:
 
     def _finish(self, done: _Done) -> None:
         self._in_thread.remove(done.batch)
+        now = time.monotonic()
         if self._in_thread:  # the prepared batch: the thread has started it
-            self._set_depth(self._depth - len(self._in_thread[0].items))
+            started = self._in_thread[0].items
+            self._set_depth(self._depth - len(started), self._depth_tokens - _tokens(started))
+            self._expect_end(self._in_thread[0], now)
+        if done.ran:
+            self.rate.observe(done.real_tokens, done.thread_seconds)
+        self.demand.batch_done(len(done.ran), done.thread_seconds, now,
+                               next_started=bool(self._in_thread))
         self._drop(done.dropped, done.started, queued=False)
         if done.error is not None:
             error = ServingError(grpc.StatusCode.INTERNAL,
@@ -406,15 +456,19 @@ class Batcher:
                     f"deadline passed after {waited_ms:.1f} ms in the queue of model "
                     f"{self.name}", "deadline_exceeded"))
         if queued:
-            self._set_depth(self._depth - len(items))
+            self._set_depth(self._depth - len(items), self._depth_tokens - _tokens(items))
 
     @staticmethod
     def _fail(request: _Request, error: ServingError) -> None:
         if not request.future.done():
             request.future.set_exception(error)
 
-    def _set_depth(self, depth: int) -> None:
-        self._depth = depth
+    def _expect_end(self, batch: Batch, started: float) -> None:
+        seconds = self.rate.seconds_for(_tokens(batch.items))
+        batch.expected_end = None if seconds is None else started + seconds
+
+    def _set_depth(self, depth: int, tokens: int) -> None:
+        self._depth, self._depth_tokens = depth, tokens
         if depth:
             self._idle.clear()
         else:
@@ -425,6 +479,10 @@ class Batcher:
     def _update_idle(self) -> None:
         if self._depth == 0 and not self._in_thread:
             self._idle.set()
+
+
+def _tokens(items: list[Item]) -> int:
+    return sum(len(item.ids) for item in items)
 
 
 def _resolve(waiter: asyncio.Future[bool], value: bool) -> None:

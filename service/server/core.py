@@ -129,24 +129,30 @@ class InferenceCore:
 
     # --- data plane ---------------------------------------------------------------------
 
-    def refused(self, error: ServingError) -> None:
-        """Count a request a skin refused before it could reach ``classify``."""
-        self._unresolved.reject(error.reason)
-        self._unresolved.request_done(error.code, 0.0)
+    def refused(self, error: ServingError, model: str = "") -> None:
+        """Count a request a skin refused before it could reach ``classify``: under the
+        model's labels when it names a served model, else under empty ones (nothing a client
+        sends becomes a label value)."""
+        served = self.registry.get(model) if model else None
+        metrics = served.metrics if served is not None else self._unresolved
+        metrics.reject(error.reason)
+        metrics.request_done(error.code, 0.0)
 
     async def classify(self, call: ClassifyCall) -> ClassifyOutcome:
         started = time.monotonic()
         metrics = self._unresolved
         try:
             self.lifecycle.check_accepting()
+            # Resolved first (a dictionary lookup), so that a refusal is counted under the
+            # model's labels, where its dashboards and alerts look.
+            served = self._resolve(call.model, call.version)
+            metrics = served.metrics
             if self.lifecycle.inflight >= self.settings.max_inflight_requests:
                 raise ServingError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server overloaded: {self.lifecycle.inflight} calls in flight (limit "
                     f"{self.settings.max_inflight_requests}); retry with backoff or on another "
                     "replica", "overloaded")
-            served = self._resolve(call.model, call.version)
-            metrics = served.metrics
             with self.lifecycle.track():
                 metrics.inflight.inc()
                 try:
@@ -182,10 +188,9 @@ class InferenceCore:
         self._validate(served, call)
         # Mirrored texts may fill only part of the queue, so a shadow never pushes the shadow
         # model's own callers into RESOURCE_EXHAUSTED.
-        limit = (int(served.batcher.max_queue * SHADOW_QUEUE_SHARE) if call.mirrored
-                 else None)
+        share = SHADOW_QUEUE_SHARE if call.mirrored else 1.0
         # Refused before any work: a request that cannot be queued is not tokenized first.
-        served.batcher.check_room(len(call.texts), limit)
+        served.batcher.check_room(len(call.texts), call.deadline, share=share)
         texts = list(call.texts)
         tokenize_started = time.monotonic()
         served, ids, truncated = await self._tokenize(served, texts)
@@ -199,7 +204,7 @@ class InferenceCore:
                 "reject)",
                 "too_long",
             )
-        pending = served.batcher.submit(ids, call.deadline, limit=limit)
+        pending = served.batcher.submit(ids, call.deadline, share=share)
         served.metrics.tokenized(tokenize_s)
         batched = await pending
         served.metrics.queued(batched.queue_s)

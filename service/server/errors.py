@@ -15,7 +15,9 @@ Reason = Literal[
     "too_long",  # a text is over the model's max_length and --truncation reject is set
     "not_found",  # unknown model or version
     "queue_full",  # the model's queue is at max_queue_texts
-    "overloaded",  # the server is at max_inflight_requests (calls being classified)
+    # the server is at max_inflight_requests, or the model's queue already holds
+    # max_queue_batches of work or more than max_queue_delay_ms / the call's deadline
+    "overloaded",
     "deadline_exceeded",  # the caller's deadline passed before its texts were computed
     "cancelled",  # the caller went away before its texts were computed
     "unavailable",  # loading, draining, or the model version is being replaced

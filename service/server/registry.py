@@ -23,6 +23,7 @@ from pathlib import Path
 
 from service.repo.layout import ModelVersion, model_names, versions
 from service.repo.manifest import ManifestError
+from service.server.admission import QueueAdmission
 from service.server.batching import Batcher
 from service.server.metrics import ModelLabels, ModelMetrics, ServingMetrics
 from service.server.runtime import LoadedVersion, LoadError, SessionBuilder, load_version
@@ -244,6 +245,8 @@ class ModelRegistry:
             max_texts=s.max_batch_texts, max_tokens=s.max_batch_tokens,
             max_delay_s=s.max_batch_delay_ms / 1000, cost_tokens=s.batch_cost_tokens,
             max_queue=s.max_queue_texts, metrics=metrics, pad_id=manifest.tokenizer.pad_id,
+            admission=QueueAdmission(s.max_batch_texts, s.max_batch_tokens,
+                                     s.max_queue_batches, s.max_queue_delay_ms / 1000),
         )
         batcher.start()
         metrics.loaded(loaded.load_seconds)

@@ -192,6 +192,22 @@ class ServeSettings(BaseSettings):
     max_queue_texts: int = Field(
         1024, ge=1, description="texts waiting per model; beyond: RESOURCE_EXHAUSTED"
     )
+    # Measured at 3x capacity (README "Guarantees"): with one batch waiting, an accepted call
+    # waits for the batch running and its own, within 2x the unloaded p99.
+    max_queue_batches: float = Field(
+        1.0, ge=0.0,
+        description="while more is offered to a model than it serves, full batches "
+        "(--max-batch-texts texts or --max-batch-tokens tokens each) that may wait for it; "
+        "beyond: RESOURCE_EXHAUSTED (reason overloaded) at once, before tokenizing (0: no such "
+        "bound; bursts and steady concurrency are not refused by it)",
+    )
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0.0,
+        description="expected wait in a model's queue (its queued tokens at its measured "
+        "rate) beyond which a request is refused (RESOURCE_EXHAUSTED, reason overloaded); "
+        "0: none. A request whose deadline is nearer than the expected wait is refused either "
+        "way",
+    )
 
     # --- requests -------------------------------------------------------------------------
     max_texts_per_request: int = Field(64, ge=1, description="texts in one request")
