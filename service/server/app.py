@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.seqserve.v1 import seqserve_pb2
 from service.server import heap
+from service.server.call_counters import channelz_server_ids
 from service.server.core import InferenceCore
 from service.server.lifecycle import Lifecycle
 from service.server.metrics import ServingMetrics
@@ -101,8 +102,11 @@ class SeqServer:
             self.security.load((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME))
         except SecurityError as exc:
             raise StartupError(str(exc)) from exc
+        servers_before = channelz_server_ids()
+        # The counter first, so that calls any later interceptor refuses are counted too.
         server = grpc.aio.server(options=channel_options(s),
-                                 interceptors=self.security.interceptors)
+                                 interceptors=[self.metrics.grpc_calls.handled,
+                                               *self.security.interceptors])
         add_servicer(server, seqserve_pb2, "Classifier", native.ClassifierServicer(self.core),
                      refused=self.core.refused)
         add_servicer(server, open_inference.pb, "GRPCInferenceService",
@@ -119,6 +123,7 @@ class SeqServer:
         self._server = server
         await self.lifecycle.loading()
         await server.start()
+        self.metrics.grpc_calls.attach(servers_before)
         log.info("listening on %s:%d (health NOT_SERVING while loading)", s.host, self.port)
         if s.metrics_port:
             try:

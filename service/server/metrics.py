@@ -9,6 +9,7 @@ request for an unknown model is counted under empty model labels.
 Buckets are explicit and chosen on purpose: geometric for durations (a percentile is then off by
 at most one factor of the ratio), powers of two for sizes and tokens, tenths for ratios.
 Each server owns a ``CollectorRegistry``, so several servers can live in one process (tests).
+gRPC core's own call counters are read from channelz at each scrape (``call_counters.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.server.call_counters import GrpcCallCounters, HandledCalls
 from service.server.errors import REASONS
 from service.server.metrics_http import start_metrics_server
 from service.server.sessions import FALLBACK_REASONS, DeviceSelection
@@ -139,6 +141,9 @@ class ServingMetrics:
         self.shadow_duration = Histogram(
             "seqserve_shadow_duration_seconds", "Time the shadow model took on a mirrored request",
             SHADOW_LABELS, buckets=DURATION_BUCKETS, registry=r)
+        # seqserve_grpc_calls_{started,succeeded,failed,handled}_total
+        self.grpc_calls = GrpcCallCounters(HandledCalls())
+        r.register(self.grpc_calls)
         self._http: tuple[WSGIServer, Thread] | None = None
 
     def model(self, labels: ModelLabels) -> ModelMetrics:

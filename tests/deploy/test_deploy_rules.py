@@ -10,10 +10,12 @@ Debian's `prometheus` package provides both binaries; `scripts/install-test-deps
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -185,6 +187,7 @@ def synthetic_server_metrics() -> Iterator[str]:
     # Imported here, so the promtool checks above still run while service/ is mid-change.
     import grpc
 
+    from service.server.call_counters import channelz_server_ids
     from service.server.metrics import ModelLabels, ServingMetrics, ShadowMetrics
 
     metrics = ServingMetrics()
@@ -215,15 +218,36 @@ def synthetic_server_metrics() -> Iterator[str]:
             shadow.outcome("ok")
             shadow.compared(agree=3, disagree=1, seconds=0.01)
 
+    # gRPC core's counters come from channelz, so a real gRPC server (with no services: every
+    # call is UNIMPLEMENTED) receives a call per tick, which the handled counter also counts.
+    before = channelz_server_ids()
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=1))
+    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
+    grpc_server.start()
+    metrics.grpc_calls.attach(before)
+    channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+    nothing = channel.unary_unary("/seqserve.v1.Classifier/Nothing")
+
+    def calls() -> None:
+        while not stop.wait(0.05):
+            with contextlib.suppress(grpc.RpcError):
+                nothing(b"", timeout=1)
+            metrics.grpc_calls.handled.count += 1
+
     port = free_port()
     metrics.start_http("127.0.0.1", port)
-    feeder = threading.Thread(target=traffic, daemon=True)
-    feeder.start()
+    feeders = [threading.Thread(target=traffic, daemon=True),
+               threading.Thread(target=calls, daemon=True)]
+    for feeder in feeders:
+        feeder.start()
     try:
         yield f"127.0.0.1:{port}"
     finally:
         stop.set()
-        feeder.join(timeout=5)
+        for feeder in feeders:
+            feeder.join(timeout=5)
+        channel.close()
+        grpc_server.stop(0)
         metrics.stop_http()
 
 
