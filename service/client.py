@@ -1,4 +1,6 @@
-"""A small typed client for seqserve.v1: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+"""A small typed client for seqserve.v1: ``Client`` (blocking) and ``AsyncClient`` (asyncio),
+with the channel defaults every client shares (keepalive, reconnect backoff). Several replicas:
+``service/replica_client.py``.
 
 Results come back as plain dataclasses, and every failure as ``ClientError`` carrying the gRPC
 status code, so callers (the CLI, the benchmark, tests) never touch protobuf messages.
@@ -19,9 +21,29 @@ from service import defaults
 from service.channel_security import ChannelSecurity, open_aio_channel, open_channel
 
 DEFAULT_TARGET = defaults.SERVER
+# Keepalive: 10 s is the shortest ping interval seqserve's default server accepts without data
+# (keepalive_min_client_ping_s): a 1 s client keepalive had an idle stream GOAWAYed
+# (too_many_pings) within 4 s; 10 s kept one 36 s. Dead connections of a cut or hung node are
+# found within keepalive time + timeout; the replica-aware mode does not wait for that.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+# Reconnect at most 1 s apart, and give up a connect attempt after 1 s (gRPC's default: 20 s),
+# so a replica back on the network is reconnected within about a second, not after its SYN's
+# next retransmission (3, 7, 15 s ...) or a backoff grown to minutes during a long outage.
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 1_000),
+                     ("grpc.min_reconnect_backoff_ms", 1_000)]
 # Responses carry one result per text; leave room for large requests' answers.
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)]
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS), *RECONNECT_OPTIONS]
+
+
+def merged_options(options: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """The client's default channel arguments, each one ``options`` names replaced by it."""
+    given = {name for name, _ in options}
+    return [*(o for o in _OPTIONS if o[0] not in given), *options]
 
 
 class ClientError(Exception):
@@ -179,7 +201,7 @@ class Client:
         mutual TLS and a bearer token (``ChannelSecurity.from_files``); None: plaintext."""
         self.target = target
         self.timeout = timeout
-        self._channel = open_channel(target, [*_OPTIONS, *options], security)
+        self._channel = open_channel(target, merged_options(options), security)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -268,7 +290,7 @@ class AsyncClient:
         """``options`` and ``security``: as for ``Client``."""
         self.target = target
         self.timeout = timeout
-        self._channel = open_aio_channel(target, [*_OPTIONS, *options], security)
+        self._channel = open_aio_channel(target, merged_options(options), security)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:

@@ -18,7 +18,6 @@ repository is never changed. Every loop is bounded in calls and in time.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -31,18 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protos.inference import grpc_predict_v2_pb2 as oip_pb
-from protos.seqserve.v1 import seqserve_pb2 as pb
 from service.bench.child_server import ChildServer
 from service.bench.errors import BenchError
 from service.bench.load_steady import Call, SteadyLoad
 from service.bench.texts import SYNTHETIC, load_pool
 from service.client import AsyncClient, ClientError
+from service.replica_client import channel_options, round_robin_target, service_config
 from service.repo.layout import latest_version, model_names, next_version_number
 from service.repo.manifest import MANIFEST_FILE, Manifest
 
-CLASSIFIER = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
-OPEN_INFERENCE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MIN_SUCCESS_RATE = 0.999
 # Calls answered through the balancer after each event before a phase ends: enough that every
 # surviving replica has carried traffic, few enough to keep the run short.
@@ -52,39 +48,6 @@ THROUGHPUT_ROUNDS = 2
 # Calls in the failover phase at least: with fewer, one failed call alone would be > 0.1 %.
 FAILOVER_MIN_CALLS = 2000
 CALL_TIMEOUT_S = 10.0
-
-
-# UNAVAILABLE: a replica refusing calls while it drains, or gone. CANCELLED: a call that reached
-# a replica in the instant its gRPC server shut down, before any handler took it; gRPC core
-# ends those CANCELLED, not UNAVAILABLE (grpc/grpc issue 41785), though nothing ran. Retrying
-# either is safe only because both methods below are idempotent.
-RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
-
-
-def service_config(*, max_attempts: int = 5) -> dict[str, Any]:
-    """The client's gRPC service config: ``round_robin`` over every address, health-checked
-    (a draining replica says NOT_SERVING and leaves the pick list before it stops), and retries
-    of ``RETRYABLE_CODES`` for the idempotent inference methods of both APIs."""
-    method: dict[str, Any] = {"name": [{"service": CLASSIFIER, "method": "Classify"},
-                                       {"service": OPEN_INFERENCE, "method": "ModelInfer"}]}
-    if max_attempts > 1:  # gRPC refuses a retry policy of one attempt: 1 means no retries
-        method["retryPolicy"] = {
-            "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
-            "backoffMultiplier": 2, "retryableStatusCodes": list(RETRYABLE_CODES)}
-    return {"loadBalancingConfig": [{"round_robin": {}}],
-            "healthCheckConfig": {"serviceName": CLASSIFIER},
-            "methodConfig": [method]}
-
-
-def channel_options(config: dict[str, Any]) -> list[tuple[str, Any]]:
-    return [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1),
-            # The addresses are the whole configuration: no resolver may replace it.
-            ("grpc.service_config_disable_resolution", 1)]
-
-
-def round_robin_target(addresses: Sequence[str]) -> str:
-    """``ipv4:127.0.0.1:p1,127.0.0.1:p2,...``: one channel, one subchannel per replica."""
-    return "ipv4:" + ",".join(addresses)
 
 
 def stage_repository(source: Path, model: str, into: Path) -> int:

@@ -16,15 +16,12 @@ import pytest
 from harness.cli import run_cli
 from harness.tiny_models import LSTM_NAME
 
-from service.bench.replicas import (
+from service.bench.replicas import MIN_SUCCESS_RATE, checks, publish_copy, stage_repository
+from service.replica_client import (
     CLASSIFIER,
-    MIN_SUCCESS_RATE,
     RETRYABLE_CODES,
-    checks,
-    publish_copy,
     round_robin_target,
     service_config,
-    stage_repository,
 )
 from service.repo.layout import latest_version, versions
 
