@@ -19,9 +19,10 @@ another replica instead. An accepted request then waits for at most the batch ru
 own, whatever the model's speed. Bursts and steady concurrency queue as before: they are not
 overload, and the static bounds (texts per queue, requests in flight) stay as backstops.
 
-The measured service rate also turns the queued work into seconds: a request whose deadline
-would pass before the queue ahead of it is worked off is refused at once rather than expiring
-in the queue, and ``max_queue_delay_s``, when set, bounds the expected wait at any load.
+The measured service rate also turns the queued work into seconds: while overloaded, a request
+whose deadline would pass before the queue ahead of it is worked off is refused at once rather
+than expiring in the queue (at other times it queues and, if it must, expires as before), and
+``max_queue_delay_s``, when set, bounds the expected wait at any load.
 
 Not an adaptive concurrency limit (Envoy's gradient, Netflix's Vegas): those steer latency
 towards the latency at low concurrency, and a batching server is meant to run slower, larger
@@ -147,24 +148,26 @@ class QueueAdmission:
         work = f"{texts} texts ({tokens} tokens) already wait"
         if wait_s is not None:
             work += f", ~{wait_s * 1000:.0f} ms of work at its measured rate"
-        allowed = self.queue_batches * share
-        if (allowed > 0 and (texts >= allowed * self.max_texts
-                             or tokens >= allowed * self.max_tokens)
-                and demand.exceeds_capacity(now)):
-            raise overloaded(f"model {model}: overloaded: more is offered than it serves and "
-                             f"{work} ({allowed:g} full batches: --max-queue-batches); retry "
-                             "with backoff or on another replica")
-        if wait_s is None:
-            return
-        if self.max_queue_delay_s > 0 and wait_s > self.max_queue_delay_s * share:
+        if wait_s is not None and self.max_queue_delay_s > 0 and \
+                wait_s > self.max_queue_delay_s * share:
             raise overloaded(f"model {model}: overloaded: {work}, more than the "
                              f"{self.max_queue_delay_s * share * 1000:.0f} ms "
                              "--max-queue-delay-ms allows; retry with backoff or on another "
                              "replica")
-        if seconds_to_deadline is not None and wait_s > seconds_to_deadline:
-            raise overloaded(f"model {model}: overloaded: {work}, and this call's deadline is "
-                             f"in {max(seconds_to_deadline, 0.0) * 1000:.0f} ms; retry on "
-                             "another replica or with a longer deadline")
+        if not demand.exceeds_capacity(now):
+            return  # steady concurrency or a burst: it queues, and a tight deadline expires
+        allowed = self.queue_batches * share
+        if allowed > 0 and (texts >= allowed * self.max_texts
+                            or tokens >= allowed * self.max_tokens):
+            raise overloaded(f"model {model}: overloaded: more is offered than it serves and "
+                             f"{work} ({allowed:g} full batches: --max-queue-batches); retry "
+                             "with backoff or on another replica")
+        if wait_s is not None and seconds_to_deadline is not None and \
+                wait_s > seconds_to_deadline:
+            raise overloaded(f"model {model}: overloaded: more is offered than it serves, "
+                             f"{work}, and this call's deadline is in "
+                             f"{max(seconds_to_deadline, 0.0) * 1000:.0f} ms; retry on another "
+                             "replica or with a longer deadline")
 
 
 def overloaded(message: str) -> ServingError:

@@ -23,9 +23,10 @@ EDGE_S = 0.1
 
 def test_sigterm_under_load_loses_no_call(tiny_repository: Path, figures) -> None:
     metrics_port = free_port()
-    # 50 ms a batch: at 200 calls/s about ten calls are in flight at any moment.
+    # 100 ms a batch: at 200 calls/s about twenty calls are in flight at any moment, each for
+    # longer than EDGE_S, so some sent before the edge are still in flight at the signal.
     process, target = serve_process(tiny_repository, "--metrics-port", str(metrics_port),
-                                    "--drain-grace-s", "20", inference_delay_s=0.05)
+                                    "--drain-grace-s", "20", inference_delay_s=0.1)
     before_s, after_s = scaled(2, 10), 2.0
     generator = loadgen.start(target, LSTM_NAME, RATE, before_s + after_s + 1, 20)
     try:

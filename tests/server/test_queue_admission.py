@@ -102,14 +102,16 @@ def test_while_overloaded_a_full_batch_waiting_refuses_the_next_request() -> Non
     assert _refusal(unbounded, 1000, 10_000, rate, OVERLOAD) is None
 
 
-def test_a_deadline_nearer_than_the_queued_work_is_refused_at_once() -> None:
+def test_while_overloaded_a_deadline_nearer_than_the_queued_work_is_refused_at_once() -> None:
     rate = _measured(1000)  # the queue's 60 tokens are 60 ms of work
-    assert _refusal(ONE_BATCH, 3, 60, rate, STEADY, deadline_in=0.1) is None
-    refused = _refusal(ONE_BATCH, 3, 60, rate, STEADY, deadline_in=0.05)
+    assert _refusal(ONE_BATCH, 3, 60, rate, OVERLOAD, deadline_in=0.1) is None
+    refused = _refusal(ONE_BATCH, 3, 60, rate, OVERLOAD, deadline_in=0.05)
     assert refused is not None and refused.reason == "overloaded"
     assert "~60 ms of work" in refused.message and "deadline is in 50 ms" in refused.message
+    # Not overloaded: the call queues, and expires there if it must (DEADLINE_EXCEEDED).
+    assert _refusal(ONE_BATCH, 3, 60, rate, STEADY, deadline_in=0.05) is None
     # Nothing measured yet: no estimate, so no refusal by time.
-    assert _refusal(ONE_BATCH, 3, 60, ServiceRate(), STEADY, deadline_in=0.001) is None
+    assert _refusal(ONE_BATCH, 3, 60, ServiceRate(), OVERLOAD, deadline_in=0.001) is None
 
 
 def test_a_max_queue_delay_bounds_the_expected_wait_at_any_load() -> None:
