@@ -205,8 +205,8 @@ class ServeSettings(BaseSettings):
         0.0, ge=0.0,
         description="expected wait in a model's queue (its queued tokens at its measured "
         "rate) beyond which a request is refused (RESOURCE_EXHAUSTED, reason overloaded); "
-        "0: none. A request whose deadline is nearer than the expected wait is refused either "
-        "way",
+        "0: none. While a model is overloaded, a request whose deadline is nearer than the "
+        "expected wait is refused either way",
     )
 
     # --- requests -------------------------------------------------------------------------
