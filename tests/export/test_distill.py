@@ -125,7 +125,9 @@ def test_a_run_directory_teaches_and_a_rerun_reads_the_cache(
     second = summary_of(capsys)
     assert second["transfer_set"]["labels_from_cache"] is True
     assert (run_dir / CACHE_FILE).read_bytes() == cache
-    assert second["test_accuracy"] == first["test_accuracy"]  # same numbers, same seed
+    # Same targets, same seed: the same model up to CPU training's run-to-run noise (one CI
+    # run in five differed by one of the 40 test texts).
+    assert second["test_accuracy"] == pytest.approx(first["test_accuracy"], abs=0.05)
 
     # Another teacher (new weights) is labelled afresh, not served from the cache.
     retrained = train_tiny_run(tmp_path / "runs", "lstm", labels=STUDENT_LABELS, rows=400,
