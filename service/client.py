@@ -111,6 +111,7 @@ class ModelDescription:
     device_gate: dict[str, Any] = field(default_factory=dict)  # fp16 re-gated on the device
     placement: dict[str, int] = field(default_factory=dict)  # provider -> graph nodes
     cpu_compute_nodes: list[str] = field(default_factory=list)  # compute ops CUDA left on CPU
+    memcpy_nodes: int = 0  # host-device copy nodes ORT inserted in a CUDA session
     precision_reason: str = ""  # why this precision (int8 where its gates passed, ...)
     intra_op_threads: int = 0  # 0: a server too old to say
     intra_op_threads_reason: str = ""
@@ -166,7 +167,7 @@ def from_model_info(info: pb.ModelInfo) -> ModelDescription:
         device_fallback_reason=info.device_fallback_reason,
         device_gate=_fields_of(info.device_gate) if info.HasField("device_gate") else {},
         placement={p.provider: p.nodes for p in info.placement},
-        cpu_compute_nodes=list(info.cpu_compute_nodes),
+        cpu_compute_nodes=list(info.cpu_compute_nodes), memcpy_nodes=info.memcpy_nodes,
         precision_reason=info.precision_reason, intra_op_threads=info.intra_op_threads,
         intra_op_threads_reason=info.intra_op_threads_reason,
         fused_ops={f.op_type: f.count for f in info.fused_ops},

@@ -4,8 +4,9 @@ What an operator runs on a new node before serving: the ONNX Runtime build and i
 every library the CUDA provider needs (found where, or missing), the driver, and per model the
 device each precision's session really lands on, its node placement, each lower precision's
 agreement with fp32 *on this device* over the stored evaluation slice, and a short latency
-sweep. Sessions are made with the server's own options (``sessions.py``) so what the doctor
-sees is what ``seqserve serve`` would get. The text rendering is ``doctor_text.py``.
+sweep. Sessions are made with the server's own options (``sessions.py``, TF32 pinned the same
+way) so what the doctor sees is what ``seqserve serve`` would get, and the verdict per model
+walks the server's own plan (``doctor_plan.py``). The text rendering is ``doctor_text.py``.
 """
 
 from __future__ import annotations
@@ -39,19 +40,20 @@ from service.server import cuda_libraries
 from service.server.device_gate import (
     Comparison,
     EvaluationSliceData,
-    GateThresholds,
     compare,
     predict,
     read_evaluation_slice,
 )
+from service.server.doctor_plan import CPU_SESSION, predict_cuda
 from service.server.ort_logging import quiet_ort_logging
 from service.server.placement import Placement, read_placement
-from service.server.runtime import choose_artifact, effective_precision
+from service.server.planning import choose_artifact, effective_precision
 from service.server.sessions import (
     CUDA,
     ModelSession,
     SessionFactory,
     ort_session_factory,
+    pin_tf32_override,
     providers_for,
     session_options,
 )
@@ -96,12 +98,15 @@ class ModelReport:
     precisions: list[PrecisionReport] = field(default_factory=list)
     served: str = ""  # what `seqserve serve` would serve under the device policy
     problems: list[str] = field(default_factory=list)  # why --device cuda would refuse it
+    # Served under the policy, but not as well as it could be: compute ops on CPU under auto,
+    # fp16 failed on CUDA and fp32 serves.
+    warnings: list[str] = field(default_factory=list)
     error: str = ""  # the version could not be read at all
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "architecture": self.architecture,
                 "max_length": self.max_length, "served": self.served,
-                "problems": self.problems, "error": self.error,
+                "problems": self.problems, "warnings": self.warnings, "error": self.error,
                 "precisions": [p.to_dict() for p in self.precisions]}
 
 
@@ -188,6 +193,8 @@ def run_doctor(settings: ServeSettings, *, runs: int = 5, models: Sequence[str] 
     facts = onnxruntime_facts() | {"providers": providers}
     libraries: cuda_libraries.CudaLibraryReport | None = None
     if CUDA in providers:
+        if settings.device != "cpu":  # as the server does, before cuBLAS/cuDNN can load
+            pin_tf32_override(settings)
         cuda_libraries.preload_onnxruntime_libraries()
         libraries = (probe or cuda_libraries.probe)()
     if CUDA not in providers:
@@ -245,7 +252,9 @@ def _open(settings: ServeSettings, model: ModelVersion, precision: str, manifest
         path = str(verify_artifact(model, artifact))  # type: ignore[arg-type]
         threads = choose_threads(manifest, setting=settings.intra_op_threads,
                                  config=config, cuda=device == "cuda")
-        with quiet_ort_logging():
+        # ORT keeps its level for CUDA sessions, as in the server (the libraries loaded, so
+        # its warnings are about this model on this GPU).
+        with quiet_ort_logging(device != "cuda"):
             raw = factory(path, session_options(settings, threads=threads.threads),
                           providers_for(device, settings))
     except Exception as exc:  # ORT's own exception types, integrity errors
@@ -256,7 +265,7 @@ def _open(settings: ServeSettings, model: ModelVersion, precision: str, manifest
                     else "cpu")
     entry.placement = read_placement(raw, path)
     if device == "cuda" and entry.device == "cpu":
-        entry.error = "asked for CUDA, onnxruntime created a CPU session"
+        entry.error = CPU_SESSION
     return ModelSession(raw, entry.device, precision, path=path)
 
 
@@ -311,21 +320,11 @@ def sweep(session: ModelSession, max_length: int, vocab_size: int, runs: int
 def _decide(report: ModelReport, settings: ServeSettings, device: str,
             data: EvaluationSliceData | None, manifest: Manifest,
             config: ServingConfig) -> None:
-    """What ``seqserve serve --device POLICY`` (precision auto) would serve, and what would make
-    ``--device cuda`` refuse the model: a problem with fp32 or a gated fp16, the sessions it
-    opens there (int8 is never served on CUDA)."""
-    by_precision = {p.precision: p for p in report.precisions}
-    fp32, fp16 = by_precision.get("fp32"), by_precision.get("fp16")
-    opened = [e for e in (fp32, fp16) if e is not None and e.passed_export_gates]
-    if device == "cuda":
-        for entry in opened:
-            if entry.placement.cpu_compute_nodes:
-                report.problems.append(f"{entry.precision}: compute ops on CPU ("
-                                       f"{', '.join(entry.placement.cpu_compute_nodes[:4])})")
-            if entry.error:
-                report.problems.append(f"{entry.precision}: {entry.error}")
+    """What ``seqserve serve --device POLICY`` would serve, what would make ``--device cuda``
+    refuse the model, and what deserves a warning; on CUDA by the server's plan."""
     if device != "cuda":
-        # The server's own choice (runtime.choose_artifact), so the two cannot disagree.
+        # The server's own choice (planning.choose_artifact), so the two cannot disagree.
+        by_precision = {p.precision: p for p in report.precisions}
         precision, source = effective_precision(settings, config)
         artifact, reason = choose_artifact(manifest, precision, "cpu", source=source)
         entry = by_precision.get(artifact.precision) if artifact is not None else None
@@ -333,22 +332,12 @@ def _decide(report: ModelReport, settings: ServeSettings, device: str,
                          if artifact is not None and entry is not None and not entry.error
                          else f"nothing ({reason or 'the session failed'})")
         return
-    if settings.device == "cuda" and report.problems:
-        report.served = "nothing: `seqserve serve --device cuda` refuses it"
-        return
-    thresholds = GateThresholds(settings.device_gate_min_agreement,
-                                settings.device_gate_max_accuracy_drop)
-    gated_fp16 = fp16 if fp16 is not None and fp16.passed_export_gates else None
-    if (gated_fp16 is not None and not gated_fp16.error and gated_fp16.vs_fp32 is not None
-            and thresholds.passes(gated_fp16.vs_fp32)):
-        report.served = f"fp16 on {gated_fp16.device} (re-gate passed on this device)"
-    elif fp32 is not None and not fp32.error:
-        why = ("no gated fp16" if gated_fp16 is None else "it failed on CUDA" if
-               gated_fp16.error else "no evaluation slice" if data is None
-               else "its re-gate fails on this device")
-        report.served = f"fp32 on {fp32.device} (fp16: {why})"
-    else:
-        report.served = "fp32 on cpu (CUDA failed for this model)"
+    entries = {p.precision: p for p in report.precisions}
+    prediction = predict_cuda(entries, settings, manifest, config, data)
+    report.served, report.warnings = prediction.served, prediction.warnings
+    report.problems = (prediction.refusals if settings.device == "cuda" else predict_cuda(
+        entries, settings.model_copy(update={"device": "cuda"}), manifest, config,
+        data).refusals)
 
 
 def describe_platform() -> str:

@@ -102,6 +102,7 @@ def _model_lines(model: ModelReport) -> list[str]:
     lines = [f"  {model.name} v{model.version} ({model.architecture}, <= {model.max_length} "
              f"tokens): serves {model.served}"]
     lines.extend(f"    would refuse under --device cuda: {problem}" for problem in model.problems)
+    lines.extend(f"    warning: {warning}" for warning in model.warnings)
     for entry in model.precisions:
         lines.extend(_precision_lines(entry))
     return lines

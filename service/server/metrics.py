@@ -129,6 +129,10 @@ class ServingMetrics:
         self.cpu_compute_nodes = Gauge(
             "seqserve_cpu_compute_nodes", "Compute ops (MatMul, LSTM, float Gather, ...) ONNX "
             "Runtime placed on CPU in a CUDA session: each costs device copies", m, registry=r)
+        self.memcpy_nodes = Gauge(
+            "seqserve_memcpy_nodes", "MemcpyToHost/MemcpyFromHost nodes ONNX Runtime inserted "
+            "in a CUDA session where data crosses between CPU and CUDA nodes: each is a "
+            "host-device copy per batch", m, registry=r)
         self.repository_scans = Counter(
             "seqserve_repository_scans", "Scans of the model repository completed (polls, "
             "SIGHUP and start-up)", registry=r)
@@ -157,7 +161,7 @@ class ServingMetrics:
             self.inference_duration, self.batch_size, self.batch_padded_tokens,
             self.batch_padding_ratio, self.texts, self.tokens, self.queue_depth, self.inflight,
             self.model_info, self.model_load_duration, self.model_ready,
-            self.cpu_compute_nodes,
+            self.cpu_compute_nodes, self.memcpy_nodes,
         ):
             family.remove(*values)
         for reason in FALLBACK_REASONS:
@@ -226,6 +230,7 @@ class ModelMetrics:
         if self.labels.device.startswith("cuda"):
             self._m.cpu_compute_nodes.labels(*values).set(
                 len(selection.placement.cpu_compute_nodes))
+            self._m.memcpy_nodes.labels(*values).set(selection.placement.memcpy_nodes)
 
     def set_ready(self, ready: bool) -> None:
         self._m.model_ready.labels(*self.labels.values()).set(1 if ready else 0)

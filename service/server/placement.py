@@ -5,7 +5,9 @@ on CPU on purpose even in a CUDA session, so "any node on CPU" is no failure. Wh
 that the model's compute ops run on the GPU: a float ``MatMul`` or the ``LSTM`` on CPU means a
 device round trip per batch and CPU speed. ORT 1.31 reports the assignment when the session is
 created with ``session.record_ep_graph_assignment_info=1``; the element types that tell a shape
-``Gather`` from the embedding come from the model file (``graph_dtypes.py``).
+``Gather`` from the embedding come from the model file (``graph_dtypes.py``). Where data crosses
+between CPU and CUDA nodes ORT inserts ``MemcpyToHost``/``MemcpyFromHost`` nodes (its warning
+"N Memcpy nodes are added to the graph"): they are counted too, each one a copy per run.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ALWAYS_COMPUTE = frozenset({
 # Ops that are compute only on floating-point data: the embedding Gather, not a shape Gather;
 # a Reduce over activations, not over the int64 mask; a Cast into or out of a float type.
 FLOAT_DATA_OPS = frozenset({"Gather", "GatherElements"})
+MEMCPY_OPS = frozenset({"MemcpyToHost", "MemcpyFromHost"})
 
 
 def is_compute_op(op_type: str) -> bool:
@@ -49,6 +52,7 @@ class Placement:
     cpu_compute_nodes: list[str] = field(default_factory=list)  # "LSTM node_lstm", ...
     undetermined: int = 0  # compute-kind nodes on CPU whose element types could not be read
     error: str = ""  # why no placement could be read
+    memcpy_nodes: int = 0  # MemcpyToHost/MemcpyFromHost nodes ORT inserted between devices
 
     @property
     def recorded(self) -> bool:
@@ -61,16 +65,25 @@ class Placement:
                  for provider, count in sorted(self.nodes.items(), key=lambda kv: -kv[1])]
         text = "nodes: " + ", ".join(parts)
         if self.cpu_compute_nodes:
-            shown = ", ".join(self.cpu_compute_nodes[:6])
-            more = len(self.cpu_compute_nodes) - 6
-            text += f"; compute ops on CPU: {shown}" + (f" (+{more} more)" if more > 0 else "")
+            text += f"; {self.cpu_compute()}"
+        if self.memcpy_nodes:
+            text += f"; {self.memcpy_nodes} Memcpy node(s) between CPU and CUDA"
         if self.undetermined:  # nodes ORT's optimiser added (shape Gathers), not in the file
             text += f"; {self.undetermined} node(s) on CPU not in the model file (not judged)"
         return text
 
+    def cpu_compute(self) -> str:
+        """"compute ops on CPU: ..." (the first six), or "" when there are none."""
+        if not self.cpu_compute_nodes:
+            return ""
+        shown = ", ".join(self.cpu_compute_nodes[:6])
+        more = len(self.cpu_compute_nodes) - 6
+        return f"compute ops on CPU: {shown}" + (f" (+{more} more)" if more > 0 else "")
+
     def to_dict(self) -> dict[str, Any]:
         return {"nodes": dict(self.nodes), "cpu_compute_nodes": list(self.cpu_compute_nodes),
-                "undetermined": self.undetermined, "error": self.error}
+                "memcpy_nodes": self.memcpy_nodes, "undetermined": self.undetermined,
+                "error": self.error}
 
 
 def _assignment(session: Any) -> list[tuple[str, str, str]]:
@@ -92,19 +105,20 @@ def read_placement(session: Any, model_path: str) -> Placement:
     except Exception as exc:  # ORT's Fail when recording was not enabled
         return Placement(error=f"{type(exc).__name__}: {exc}".splitlines()[0])
     counts = Counter(provider for provider, _, _ in rows)
+    memcpy = sum(1 for _, op, _ in rows if op in MEMCPY_OPS)
     providers = list(session.get_providers())
     if providers[:1] == [CPU_PROVIDER]:
-        return Placement(dict(counts))
+        return Placement(dict(counts), memcpy_nodes=memcpy)
     suspects = [(op, name) for provider, op, name in rows
                 if provider == CPU_PROVIDER and is_compute_op(op)]
     if not suspects:
-        return Placement(dict(counts))
+        return Placement(dict(counts), memcpy_nodes=memcpy)
     try:
         types = read_graph_types(model_path)
     except (OSError, WireFormatError) as exc:
         log.warning("%s: cannot read element types (%s); node placement not checked",
                     model_path, exc)
-        return Placement(dict(counts), undetermined=len(suspects))
+        return Placement(dict(counts), undetermined=len(suspects), memcpy_nodes=memcpy)
     on_cpu, undetermined = [], 0
     for op, name in suspects:
         floating = True if op in ALWAYS_COMPUTE else types.touches_float(
@@ -113,4 +127,4 @@ def read_placement(session: Any, model_path: str) -> Placement:
             undetermined += 1
         elif floating:
             on_cpu.append(f"{op} {name}")
-    return Placement(dict(counts), on_cpu, undetermined)
+    return Placement(dict(counts), on_cpu, undetermined, memcpy_nodes=memcpy)

@@ -6,8 +6,18 @@ creates a CPU session without raising; and cuDNN opens lazily, so a Transformer 
 create fine and fail on its first run. So a CUDA attempt is honoured only when the libraries
 load (``cuda_libraries.py``, which names the missing one), the session reports CUDA first, its
 compute ops landed on CUDA (``placement.py``), fp16 passes its re-gate on the device
-(``device_gate.py``) and warm-up runs. A failure anywhere in that chain is handled alike:
-``auto`` serves the model on CPU (fp32) and records why, ``cuda`` refuses the model.
+(``device_gate.py``) and warm-up runs. The attempts go in the order ``planning.py`` plans:
+under ``auto``, CUDA fp16, then CUDA fp32 when fp16 failed there for this model, then CPU
+(int8 where it passed every gate, else fp32); ``cuda`` the same without CPU, refusing the model
+when no CUDA attempt serves it. A failure of the machine (libraries, driver, a silent CPU
+session) skips the remaining CUDA attempts and is remembered for later loads. Every step that
+failed is recorded: the served session's ``precision_reason``, a CPU fallback's
+``fallback_reason``. Under ``auto`` a compute op ORT left on CPU is served but said in
+``precision_reason`` (and counted in the placement metrics); ``cuda`` refuses it.
+
+ORT logs at its own level (WARNING) while CUDA sessions are created, so its "Memcpy nodes are
+added" warning reaches the log: a CUDA session is only attempted once the libraries loaded
+(``cuda_libraries.py``), so on a machine without CUDA no alarming error is printed.
 
 Nothing here touches asyncio: loading runs in a worker thread, inference in the batcher's.
 """
@@ -22,7 +32,7 @@ from dataclasses import dataclass, field
 import onnxruntime as ort
 
 from service.repo.layout import ModelVersion, verify_artifact, verify_file
-from service.repo.manifest import PRECISIONS, Artifact, Manifest, ManifestError, Precision
+from service.repo.manifest import PRECISIONS, Artifact, Manifest, ManifestError
 from service.repo.serving_config import ServingConfig, read_serving_config
 from service.repo.tokenization import TextTokenizer
 from service.server import cuda_libraries
@@ -33,8 +43,15 @@ from service.server.device_gate import (
     read_evaluation_slice,
     regate,
 )
-from service.server.ort_logging import quiet_ort_logging
 from service.server.placement import read_placement
+from service.server.planning import (
+    PREFERENCES,
+    Attempt,
+    after_failures,
+    choose_artifact,
+    effective_precision,
+    plan_attempts,
+)
 from service.server.sessions import (
     CPU,
     CUDA,
@@ -44,6 +61,7 @@ from service.server.sessions import (
     SessionFactory,
     length_buckets,
     ort_session_factory,
+    pin_tf32_override,
     providers_for,
     session_options,
     warm_up,
@@ -51,126 +69,41 @@ from service.server.sessions import (
 from service.server.settings import ServeSettings
 from service.server.threads import choose_threads
 
-__all__ = ["CPU", "CUDA", "LoadError", "LoadedVersion", "ModelSession", "SessionBuilder",
-           "choose_artifact", "length_buckets", "load_version", "plan_attempts",
-           "session_options"]
+__all__ = ["CPU", "CUDA", "PREFERENCES", "Attempt", "LoadError", "LoadedVersion",
+           "ModelSession", "SessionBuilder", "choose_artifact", "effective_precision",
+           "length_buckets", "load_version", "plan_attempts", "session_options"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Attempt:
-    device: str  # "cpu" or "cuda"
-    artifact: Artifact
-    reason: str = ""  # why this artifact, one line (GetModel's precision_reason)
-
-
-def plan_attempts(
-    manifest: Manifest, settings: ServeSettings, available: Sequence[str],
-    config: ServingConfig | None = None,
-) -> list[Attempt]:
-    """The (device, artifact) pairs to try, in order; raises LoadError when none can work."""
-    if settings.device == "cuda" and CUDA not in available:
-        raise LoadError(
-            f"device=cuda requested but this onnxruntime has no {CUDA} (available: "
-            f"{', '.join(available)}); install seqserve[gpu]"
-        )
-    devices = ["cpu"] if settings.device == "cpu" or CUDA not in available else ["cuda"]
-    if settings.device == "auto" and devices == ["cuda"]:
-        devices.append("cpu")
-    precision, source = effective_precision(settings, config or ServingConfig())
-    attempts = []
-    for device in devices:
-        artifact, reason = choose_artifact(manifest, precision, device, source=source)
-        if artifact is not None:
-            attempts.append(Attempt(device, artifact, reason))
-    if not attempts:
-        have = ", ".join(f"{a.precision} (gates {'passed' if a.passed_gates else 'failed'})"
-                         for a in manifest.artifacts)
-        raise LoadError(
-            f"{manifest.name}/{manifest.version}: no servable artifact for precision="
-            f"{precision} (artifacts: {have}); force --precision to serve one that "
-            "failed its gates"
-        )
-    return attempts
-
-
-def effective_precision(settings: ServeSettings, config: ServingConfig) -> tuple[str, str]:
-    """The precision policy for one model and where it came from: its ``serving.json``
-    overrides ``--precision``."""
-    if config.precision is not None:
-        return config.precision, "serving.json"
-    return settings.precision, "--precision"
-
-
-# Which gated artifact each policy tries first, per device. fp16 pays only on a GPU: on CPU ORT
-# casts back to fp32 around most ops. int8 has kernels on CPU only; auto serves it there when
-# it passed every gate, batch invariance included (a manifest that predates that gate, schema
-# 1-2, gets fp32). auto-int8 also takes an int8 artifact without a batch-invariance record.
-PREFERENCES: dict[tuple[str, str], tuple[Precision, ...]] = {
-    ("auto", "cuda"): ("fp16", "fp32"),
-    ("auto", "cpu"): ("int8", "fp32", "fp16"),
-    ("auto-int8", "cuda"): ("fp16", "fp32"),
-    ("auto-int8", "cpu"): ("int8", "fp32", "fp16"),
-}
-
-
-def choose_artifact(manifest: Manifest, precision: str, device: str, *,
-                    source: str = "--precision") -> tuple[Artifact | None, str]:
-    """The artifact a policy serves on ``device`` and why (one line); (None, why) if none.
-    The server and ``seqserve doctor`` both decide here."""
-    if precision in PRECISIONS:
-        # Forced: served even when it failed its gates (the operator asked for it).
-        artifact = manifest.artifact(precision)  # type: ignore[arg-type]
-        if artifact is None:
-            return None, f"no {precision} artifact (forced by {source} {precision})"
-        return artifact, f"{precision}: forced by {source} {precision}"
-    skipped = []
-    for wanted in PREFERENCES[(precision, device)]:
-        artifact = manifest.artifact(wanted)
-        refusal = _refusal(artifact, wanted, precision)
-        if refusal is None:
-            assert artifact is not None
-            because = f" ({'; '.join(skipped)})" if skipped else ""
-            return artifact, f"{wanted}: {_merit(artifact, manifest)}{because}"
-        if wanted != "fp16" or device == "cuda":
-            skipped.append(refusal)
-    return None, "; ".join(skipped)
-
-
-def _refusal(artifact: Artifact | None, precision: str, policy: str) -> str | None:
-    """Why ``policy`` will not serve ``artifact``, or None if it will."""
-    if artifact is None:
-        return f"no {precision} artifact"
-    if not artifact.passed_gates:
-        return f"{precision} failed its export gates"
-    if precision == "int8" and policy == "auto" and artifact.batch_max_abs_diff is None:
-        return "int8 predates the batch-invariance gate (re-export it)"
-    return None
-
-
-def _merit(artifact: Artifact, manifest: Manifest) -> str:
-    if artifact.precision == "fp32":
-        return "the reference precision"
-    evaluation = manifest.evaluation
-    parts = ["passed its export gates"]
-    if evaluation is not None and artifact.precision == "int8" and evaluation.int8 is not None:
-        drop = (evaluation.fp32.accuracy - evaluation.int8.accuracy) * 100
-        parts.append(f"agreement {evaluation.int8_agreement or 0:.3f}, accuracy "
-                     f"{'-' if drop > 0 else '+'}{abs(drop):.2f} points")
-    if artifact.batch_max_abs_diff is not None:
-        parts.append(f"batch-invariant to {artifact.batch_max_abs_diff:.0e}")
-    return ", ".join(parts)
-
-
 class CudaUnavailable(Exception):
     """A CUDA attempt that failed. ``kind`` is one of ``sessions.FALLBACK_REASONS``; ``sticky``
-    when the machine, not this model, is at fault, so later loads skip CUDA under ``auto``."""
+    when the machine, not this model, is at fault, so later loads skip CUDA under ``auto``;
+    ``precision``: the artifact whose session failed ("" when no session was involved)."""
 
     def __init__(self, reason: str, kind: str, *, sticky: bool,
-                 libraries: tuple[tuple[str, bool], ...] = ()) -> None:
+                 libraries: tuple[tuple[str, bool], ...] = (), precision: str = "") -> None:
         super().__init__(reason)
         self.reason, self.kind, self.sticky, self.libraries = reason, kind, sticky, libraries
+        self.precision = precision
+
+
+def _steps(failures: list[CudaUnavailable]) -> str:
+    """Each failed CUDA step, "fp16: ...; fp32: ..." (a machine's failure has no precision)."""
+    return "; ".join(f"{f.precision}: {f.reason}" if f.precision else f.reason
+                     for f in failures)
+
+
+def _combined(failures: list[CudaUnavailable]) -> CudaUnavailable | None:
+    """The failures of every CUDA step as one: the reason lists them, the kind is the last's
+    (the one that sent the model to CPU)."""
+    if not failures:
+        return None
+    last = failures[-1]
+    if len(failures) == 1 and not last.precision:
+        return last
+    return CudaUnavailable(_steps(failures), last.kind, sticky=last.sticky,
+                           libraries=last.libraries, precision=last.precision)
 
 
 def _library_failure(report: cuda_libraries.CudaLibraryReport) -> CudaUnavailable:
@@ -214,38 +147,54 @@ class SessionBuilder:
         be served under the policy (``config``: the model's serving.json overrides)."""
         config = config or ServingConfig()
         available = list(self.available)
-        fallback = self.cuda_failure if self.settings.device == "auto" else None
-        if fallback is not None:
+        machine = self.cuda_failure if self.settings.device == "auto" else None
+        if machine is not None:
             available.remove(CUDA)
         elif self.settings.device == "auto" and CUDA not in available:
-            fallback = CudaUnavailable(
+            machine = CudaUnavailable(
                 f"this onnxruntime has no {CUDA} (available: {', '.join(available)}); "
                 "install seqserve[gpu] on Linux x86_64", "no_cuda_provider", sticky=True)
-        for attempt in plan_attempts(manifest, self.settings, available, config):
+        plan = plan_attempts(manifest, self.settings, available, config)
+        failures: list[CudaUnavailable] = []  # each CUDA step that failed, in order
+        for index, attempt in enumerate(plan):
+            if attempt.device == "cuda" and not _worth_trying(attempt, failures):
+                continue
             if not attempt.artifact.passed_gates:
                 log.warning("%s/%s: serving %s, which failed its export gates (forced)",
                             model.name, model.version, attempt.artifact.precision)
             if attempt.device == "cpu":
-                return self._on_cpu(model, manifest, attempt, fallback, config)
+                return self._on_cpu(model, manifest, attempt, machine or _combined(failures),
+                                    config)
             try:
-                return self._on_cuda(model, manifest, attempt, tokenizer, config)
+                return self._on_cuda(model, manifest, attempt, tokenizer, config, failures)
             except CudaUnavailable as failure:
-                fallback = self._cuda_failed(model, failure)
+                failures.append(failure)
+                retry = next((a for a in plan[index + 1:] if a.device == "cuda"
+                              and _worth_trying(a, failures)), None)
+                self._cuda_failed(model, failures, retry)
+        if self.settings.device == "cuda" and failures:
+            raise LoadError(f"{model.name}/{model.version}: device=cuda requested but CUDA "
+                            f"cannot serve it: {_steps(failures)}")
+        fallback = machine or _combined(failures)
         reason = f": {fallback.reason}" if fallback else ""
         raise LoadError(f"{model.name}/{model.version}: no session could be created{reason}")
 
-    def _cuda_failed(self, model: ModelVersion, failure: CudaUnavailable) -> CudaUnavailable:
+    def _cuda_failed(self, model: ModelVersion, failures: list[CudaUnavailable],
+                     retry: Attempt | None) -> None:
+        where, failure = f"{model.name}/{model.version}", failures[-1]
+        if retry is not None:
+            log.warning("%s: %s failed on CUDA (%s); trying %s on CUDA", where,
+                        failure.precision, failure.reason, retry.artifact.precision)
+            return
         if self.settings.device == "cuda":
-            raise LoadError(f"{model.name}/{model.version}: device=cuda requested but CUDA "
-                            f"cannot serve it: {failure.reason}") from None
+            return  # refused by the caller, with every step's reason
         first = self.cuda_failure is None
         if failure.sticky:
             self.cuda_failure = failure
         # A machine without a GPU is normal under auto; a GPU machine that cannot use it is not.
         level = logging.INFO if failure.kind == "no_gpu_driver" or not first else logging.WARNING
-        log.log(level, "%s/%s: CUDA not used (%s); serving on CPU (`seqserve doctor --device "
-                "cuda` explains)", model.name, model.version, failure.reason)
-        return failure
+        log.log(level, "%s: CUDA not used (%s); serving on CPU (`seqserve doctor --device "
+                "cuda` explains)", where, _steps(failures))
 
     def _on_cpu(self, model: ModelVersion, manifest: Manifest, attempt: Attempt,
                 fallback: CudaUnavailable | None, config: ServingConfig) -> ModelSession:
@@ -269,12 +218,15 @@ class SessionBuilder:
 
     def _cuda_libraries(self) -> cuda_libraries.CudaLibraryReport:
         if self._libraries is None:
+            # Before anything loads cuBLAS or cuDNN: they read it once, when they initialise.
+            pin_tf32_override(self.settings)
             cuda_libraries.preload_onnxruntime_libraries()
             self._libraries = self.probe_libraries()
         return self._libraries
 
     def _on_cuda(self, model: ModelVersion, manifest: Manifest, attempt: Attempt,
-                 tokenizer: TextTokenizer, config: ServingConfig) -> ModelSession:
+                 tokenizer: TextTokenizer, config: ServingConfig,
+                 failures: list[CudaUnavailable]) -> ModelSession:
         libraries = self._cuda_libraries()
         if not libraries.usable:
             raise _library_failure(libraries)
@@ -287,9 +239,12 @@ class SessionBuilder:
                                      threads.threads, forced=forced)
         loaded = tuple((s.library.soname, True) for s in libraries.statuses
                        if s.library.required)
-        reason = attempt.reason
+        reason = after_failures(attempt, [(f.precision or "cuda", f.reason) for f in failures])
         if gate is not None and not gate.passed:
             reason = f"fp32: {artifact.precision} failed its re-gate on the device"
+        if session.selection.placement.cpu_compute_nodes:  # served under auto, but said
+            reason += (f"; {session.selection.placement.cpu_compute()} (each batch copies "
+                       "between devices)")
         session.selection = DeviceSelection(libraries=loaded, gate=gate,
                                             placement=session.selection.placement,
                                             precision_reason=reason, threads=threads.threads,
@@ -300,25 +255,27 @@ class SessionBuilder:
             raise  # a wrong output shape is the model's fault on any device
         except Exception as exc:  # ORT's RuntimeException: cuDNN missing, out of memory
             raise CudaUnavailable(f"failed on CUDA at warm-up: {_one_line(exc)}",
-                                  "cuda_run_error", sticky=False) from exc
+                                  "cuda_run_error", sticky=False,
+                                  precision=session.precision) from exc
         return session
 
     def _open_cuda(self, model: ModelVersion, artifact: Artifact, threads: int
                    ) -> ModelSession:
         path = str(verify_artifact(model, artifact))
-        # Under auto ORT's multi-line red error would alarm for nothing: the reason is
-        # reported in one line instead. --device cuda keeps ORT's diagnostics.
-        with quiet_ort_logging(self.settings.device == "auto"):
-            try:
-                raw = self.factory(path, session_options(self.settings, threads=threads),
-                                   providers_for("cuda", self.settings))
-            except Exception as exc:  # ORT raises its own Fail/RuntimeException types
-                raise CudaUnavailable(f"creating the CUDA session failed: {_one_line(exc)}",
-                                      "cuda_session_error", sticky=False) from exc
+        # ORT keeps its own level here: the libraries loaded, so what it says (a Memcpy
+        # warning, a kernel it lacks) is about this model on this GPU, not noise.
+        try:
+            raw = self.factory(path, session_options(self.settings, threads=threads),
+                               providers_for("cuda", self.settings))
+        except Exception as exc:  # ORT raises its own Fail/RuntimeException types
+            raise CudaUnavailable(f"creating the CUDA session failed: {_one_line(exc)}",
+                                  "cuda_session_error", sticky=False,
+                                  precision=artifact.precision) from exc
         if raw.get_providers()[:1] != [CUDA]:
             raise CudaUnavailable(
                 f"onnxruntime created a CPU session although the CUDA libraries loaded "
-                f"(providers {raw.get_providers()})", "cuda_session_on_cpu", sticky=True)
+                f"(providers {raw.get_providers()})", "cuda_session_on_cpu", sticky=True,
+                precision=artifact.precision)
         placement = read_placement(raw, path)
         where = f"{model.name}/{model.version} {artifact.precision}"
         if placement.cpu_compute_nodes:
@@ -362,7 +319,8 @@ class SessionBuilder:
                             device=candidate.device)
         except Exception as exc:
             raise CudaUnavailable(f"failed on CUDA running the evaluation slice: "
-                                  f"{_one_line(exc)}", "cuda_run_error", sticky=False) from exc
+                                  f"{_one_line(exc)}", "cuda_run_error", sticky=False,
+                                  precision=precision) from exc
         log.log(logging.INFO if result.passed else logging.WARNING, "%s: %s", where,
                 result.detail)
         return result, candidate if result.passed else reference
@@ -372,6 +330,14 @@ class SessionBuilder:
             spec = manifest.tokenizer
             warm_up(session, len(manifest.labels), spec.max_length, self.settings,
                     pad_id=spec.pad_id)
+
+
+def _worth_trying(attempt: Attempt, failures: list[CudaUnavailable]) -> bool:
+    """Whether a CUDA attempt still has a chance after ``failures``: not once the machine
+    failed, nor for an artifact whose session already failed (fp32 as fp16's reference)."""
+    if any(f.sticky for f in failures):
+        return False
+    return not any(f.precision == attempt.artifact.precision for f in failures)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -4,7 +4,12 @@ Each session's intra-op thread count is decided per model (``threads.py``: by co
 token on CPU, one on CUDA, where the CPU runs only ORT's shape arithmetic). CUDA sessions get
 TF32 off unless asked for (on Ampere and later it makes fp32 MatMul/Gemm round
 to 10 mantissa bits, and the export's 1e-4 parity no longer holds), and the arena settings,
-which matter because a hot reload holds two versions of a model on the GPU at once.
+which matter because a hot reload holds two versions of a model on the GPU at once. ORT's
+``use_tf32=0`` reaches only its own cuBLAS calls: the LSTM runs on cuDNN's RNN kernels, which
+pick TF32 on their own, so ``NVIDIA_TF32_OVERRIDE=0`` (read by cuBLAS and cuDNN when they
+initialise) goes into the environment before the first CUDA library loads
+(``pin_tf32_override``). fp16's fused SkipLayerNormalization runs in strict mode: without it
+the CUDA kernel accumulates in fp16 (onnxruntime issue #29034); other graphs are unaffected.
 
 There is no IOBinding: binding the int64 inputs (a few KiB) and the logits (batch x labels
 floats) saves one small host-device copy each way per batch, which is noise next to the
@@ -14,7 +19,9 @@ one path, on every device.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+import os
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,8 +43,13 @@ from service.server.device_gate import DeviceGateResult
 from service.server.placement import Placement, enable_recording
 from service.server.settings import ServeSettings
 
+log = logging.getLogger(__name__)
+
 CUDA = CUDA_PROVIDER
 CPU = CPU_PROVIDER
+# Read by cuBLAS and cuDNN when they initialise: "0" keeps both off TF32; any other value
+# leaves each library to its own default.
+TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
 # Why a model that could have run on CUDA runs on CPU: closed set, the metric's label values.
 FALLBACK_REASONS = (
     "no_cuda_provider",  # this onnxruntime build has no CUDA provider (CPU wheel)
@@ -87,10 +99,44 @@ def cuda_provider_options(settings: ServeSettings) -> dict[str, str]:
         "device_id": str(settings.cuda_device_id),
         "use_tf32": "1" if settings.cuda_use_tf32 else "0",
         "arena_extend_strategy": settings.cuda_arena_extend_strategy,
+        # fp32 accumulation in the fused SkipLayerNormalization of fp16 graphs; a no-op for
+        # graphs without the op.
+        "enable_skip_layer_norm_strict_mode": "1",
     }
     if settings.cuda_mem_limit_bytes:
         options["gpu_mem_limit"] = str(settings.cuda_mem_limit_bytes)
     return options
+
+
+def pin_tf32_override(settings: ServeSettings,
+                      environ: MutableMapping[str, str] | None = None) -> str:
+    """Make the process environment agree with ``cuda_use_tf32`` before CUDA initialises;
+    returns what was done or found, in one line ("" when nothing needed saying).
+
+    Call it before the CUDA libraries load (the probe, the first CUDA session): cuBLAS and
+    cuDNN read the variable once, when they initialise. An operator's own value is kept.
+    """
+    env = os.environ if environ is None else environ
+    current = env.get(TF32_OVERRIDE)
+    if not settings.cuda_use_tf32:
+        if current is None:
+            env[TF32_OVERRIDE] = "0"
+            message = (f"{TF32_OVERRIDE}=0 set: TF32 off in cuBLAS and cuDNN (the LSTM's RNN "
+                       "kernels too), as cuda_use_tf32 is off")
+            log.info("%s", message)
+            return message
+        if current != "0":
+            message = (f"{TF32_OVERRIDE}={current} kept from the environment: cuDNN may use "
+                       "TF32 (Ampere and later) although cuda_use_tf32 is off")
+            log.warning("%s", message)
+            return message
+        return ""
+    if current == "0":
+        message = (f"{TF32_OVERRIDE}=0 in the environment keeps TF32 off in cuBLAS and cuDNN, "
+                   "overriding cuda_use_tf32")
+        log.warning("%s", message)
+        return message
+    return ""
 
 
 def providers_for(device: str, settings: ServeSettings) -> list[Any]:

@@ -144,7 +144,8 @@ class ServeSettings(BaseSettings):
     cuda_use_tf32: bool = Field(
         False,
         description="let CUDA run fp32 MatMul/Gemm in TF32 (faster on Ampere and later, but "
-        "rounds to 10 mantissa bits: the export's 1e-4 fp32 parity no longer holds)",
+        "rounds to 10 mantissa bits: the export's 1e-4 fp32 parity no longer holds); off also "
+        "sets NVIDIA_TF32_OVERRIDE=0 for cuDNN's RNN kernels unless the environment has it",
     )
     cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
         "kSameAsRequested",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import onnxruntime as ort
@@ -138,3 +140,81 @@ def test_what_serve_device_cuda_would_refuse_makes_the_doctor_fail(
     assert any(problem in p for m in report.models for p in m.problems)
     assert "would refuse under --device cuda" in render(report)
     assert exit_code(_fake_doctor(tiny_repository, factory, device="auto")) == 0
+
+
+@pytest.mark.parametrize("factory", [
+    FakeCudaFactory(perturb={"fp16": 1e-3}),
+    FakeCudaFactory(perturb={"fp16": 1.0}),
+    FakeCudaFactory(fails={"fp16": "raises"}),
+    FakeCudaFactory(fails={"fp16": "run-fails"}),
+    FakeCudaFactory("raises"),
+    FakeCudaFactory("cpu"),
+], ids=["fp16", "fp16-fails-its-re-gate", "fp16-fails-at-creation", "fp16-fails-to-run",
+        "every-session-fails", "silent-cpu-session"])
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_the_doctor_predicts_the_servers_cuda_chain(tiny_repository: Path,
+                                                    factory: FakeCudaFactory,
+                                                    device: str) -> None:
+    """The doctor walks the server's plan (CUDA fp16, CUDA fp32, CPU): same outcome."""
+    from service.server.runtime import LoadError, SessionBuilder, load_version
+
+    report = _fake_doctor(tiny_repository, factory, device=device)
+    settings = server_settings(tiny_repository, device=device, precision="auto")
+    for model in report.models:
+        builder = SessionBuilder(settings, factory, [CUDA, CPU], probe_libraries=library_report)
+        try:
+            session = load_version(latest_version(tiny_repository, model.name), settings,
+                                   builder).session
+        except LoadError:
+            assert model.served.startswith("nothing") and model.problems
+            continue
+        assert model.served.startswith(f"{session.precision} on {session.device}")
+        if session.selection.fallback_reason:  # on CPU: the CUDA steps the server named
+            steps = re.compile(r"(?:^|; )(fp16|fp32): ")
+            named = model.served.split("(CUDA failed: ", 1)[1]
+            assert steps.findall(named) == steps.findall(session.selection.fallback_reason)
+        if "failed on CUDA" in session.selection.precision_reason:
+            assert any("failed on CUDA" in warning for warning in model.warnings)
+
+
+def test_fp16_failing_on_cuda_is_a_warning_not_a_refusal(tiny_repository: Path) -> None:
+    report = _fake_doctor(tiny_repository, FakeCudaFactory(fails={"fp16": "raises"}))
+    assert report.honoured and exit_code(report) == 0
+    for model in report.models:
+        assert model.served.startswith("fp32 on cuda:0 — fp32: fp16 failed on CUDA (session: ")
+        assert model.problems == []
+        assert model.warnings[0].startswith("fp16 failed on CUDA: session: RuntimeError")
+    assert "    warning: fp16 failed on CUDA" in render(report)
+
+
+def test_compute_ops_on_cpu_are_a_warning_under_auto(tiny_repository: Path) -> None:
+    factory = FakeCudaFactory(cpu_ops=frozenset({"MatMul"}))
+    report = _fake_doctor(tiny_repository, factory, device="auto")
+    transformer = next(m for m in report.models if m.name == TRANSFORMER_NAME)
+    assert transformer.served.startswith("fp16 on cuda:0")
+    assert any(w.startswith("fp16: compute ops on CPU (MatMul") for w in transformer.warnings)
+    assert any(p.startswith("fp16: compute ops on CPU (MatMul") for p in transformer.problems)
+    text = render(report)
+    assert "    warning: fp16: compute ops on CPU (MatMul" in text
+    assert "Memcpy node(s) between CPU and CUDA" in text  # the copies ORT inserted
+    fp16 = next(p for p in transformer.to_dict()["precisions"] if p["precision"] == "fp16")
+    assert fp16["placement"]["memcpy_nodes"] > 0
+    assert transformer.to_dict()["warnings"] == transformer.warnings
+
+
+def test_the_doctor_pins_tf32_before_the_cuda_libraries_load(
+        tiny_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.server.sessions import TF32_OVERRIDE
+
+    monkeypatch.setenv(TF32_OVERRIDE, "placeholder")
+    monkeypatch.delenv(TF32_OVERRIDE)  # restored to the process's own value afterwards
+    seen: list[str | None] = []
+
+    def probe():
+        seen.append(os.environ.get(TF32_OVERRIDE))
+        return library_report()
+
+    run_doctor(server_settings(tiny_repository, device="cuda", precision="auto"), runs=0,
+               models=[LSTM_NAME], factory=FakeCudaFactory(), probe=probe,
+               available=[CUDA, CPU])
+    assert seen == ["0"]

@@ -5,8 +5,9 @@ real CPU session on the same model file, so every run gives the model's real num
 report what a real ``onnxruntime-gpu`` reports: ``CUDAExecutionProvider`` first, and a node
 assignment with shape arithmetic on CPU and everything else on CUDA. Each way a real GPU
 machine fails is one knob: libraries missing (``library_report``), a silent CPU session, an
-exception at creation, a failure on the first run (cuDNN opened lazily), compute ops left on
-CPU, and fp16 that computes differently (``perturb``).
+exception at creation, a failure on the first run (cuDNN opened lazily), either of those for
+one precision only (``fails``), compute ops left on CPU (with the Memcpy nodes ORT inserts
+around them), and fp16 that computes differently (``perturb``).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class FakeCudaSession:
         return [logits]
 
     def get_provider_graph_assignment_info(self) -> list[Any]:
-        """The real assignment, with compute moved to CUDA as a working GPU would place it."""
+        """The real assignment, with compute moved to CUDA as a working GPU would place it; a
+        compute op kept on CPU gets a copy in and a copy out, on CUDA, as ORT inserts them."""
         subgraphs = []
         for subgraph in self._real.get_provider_graph_assignment_info():
             for node in subgraph.get_nodes():
@@ -89,6 +91,11 @@ class FakeCudaSession:
                     node.op_type in SHAPE_OPS and not self._types.get(node.name, False))
                 provider = CPU_PROVIDER if on_cpu else CUDA_PROVIDER
                 subgraphs.append(SimpleNamespace(ep_name=provider, get_nodes=lambda n=node: [n]))
+                if node.op_type in self._cpu_ops:
+                    copies = [SimpleNamespace(op_type=op, name=f"{op}_{node.name}")
+                              for op in ("MemcpyToHost", "MemcpyFromHost")]
+                    subgraphs.append(SimpleNamespace(ep_name=CUDA_PROVIDER,
+                                                     get_nodes=lambda c=copies: c))
         return subgraphs
 
 
@@ -101,13 +108,16 @@ def _value_types(session: Any, path: str) -> dict[str, bool]:
 
 class FakeCudaFactory:
     """Records each session request as (device, file name); ``cuda`` says what CUDA does:
-    "works", "cpu" (ORT's silent CPU session), "raises" (at creation), "run-fails"."""
+    "works", "cpu" (ORT's silent CPU session), "raises" (at creation), "run-fails";
+    ``fails`` says it for one precision ({"fp16": "raises"}), the others doing ``cuda``."""
 
     def __init__(self, cuda: str = "works", *, perturb: dict[str, float] | None = None,
-                 cpu_ops: frozenset[str] = frozenset()) -> None:
+                 cpu_ops: frozenset[str] = frozenset(),
+                 fails: dict[str, str] | None = None) -> None:
         self.cuda = cuda
         self.perturb = perturb or {}
         self.cpu_ops = cpu_ops
+        self.fails = fails or {}
         self.calls: list[tuple[str, str]] = []
         self.options: list[tuple[Any, list[Any]]] = []
 
@@ -115,14 +125,15 @@ class FakeCudaFactory:
         wants_cuda = any((isinstance(p, tuple) and p[0] == CUDA_PROVIDER) or p == CUDA_PROVIDER
                          for p in providers)
         name = Path(path).name
+        precision = name.split(".")[1]
         self.calls.append(("cuda" if wants_cuda else "cpu", name))
         self.options.append((options, providers))
-        if not wants_cuda or self.cuda == "cpu":
+        mode = self.fails.get(precision, self.cuda)
+        if not wants_cuda or mode == "cpu":
             return open_session(path, options)  # onnxruntime-gpu without working CUDA: CPU
-        if self.cuda == "raises":
+        if mode == "raises":
             raise RuntimeError("CUDA failure 2: out of memory ; GPU=0")
-        precision = name.split(".")[1]
         return FakeCudaSession(
             path, perturb=self.perturb.get(precision, 0.0), cpu_ops=self.cpu_ops,
             run_error="CUDNN failure 1003: CUDNN_STATUS_NOT_INITIALIZED"
-            if self.cuda == "run-fails" else "")
+            if mode == "run-fails" else "")

@@ -193,3 +193,22 @@ def test_which_op_types_count_as_compute() -> None:
     assert all(is_compute_op(op) for op in ("LSTM", "MatMul", "Gemm", "Softmax", "ReduceMean",
                                             "LayerNormalization", "Gather", "Cast"))
     assert not any(is_compute_op(op) for op in ("Shape", "Concat", "Unsqueeze", "Range"))
+
+
+def test_memcpy_nodes_are_counted_wherever_placement_is_read() -> None:
+    def session(providers: list[str], *subgraphs: tuple[str, list[str]]) -> Any:
+        nodes = [SimpleNamespace(ep_name=ep, get_nodes=lambda ops=ops: [
+            SimpleNamespace(op_type=op, name=f"{op}_{i}") for i, op in enumerate(ops)])
+            for ep, ops in subgraphs]
+        return SimpleNamespace(get_provider_graph_assignment_info=lambda: nodes,
+                               get_providers=lambda: providers)
+
+    cuda = "CUDAExecutionProvider"
+    placed = read_placement(session(
+        [cuda, CPU_PROVIDER], (cuda, ["MemcpyFromHost", "Add", "MemcpyToHost", "MemcpyToHost"]),
+        (CPU_PROVIDER, ["Shape"])), "unused.onnx")  # no CPU compute: the file is not read
+    assert placed.memcpy_nodes == 3 and placed.nodes == {cuda: 4, CPU_PROVIDER: 1}
+    assert "; 3 Memcpy node(s) between CPU and CUDA" in placed.summary()
+    assert placed.to_dict()["memcpy_nodes"] == 3
+    none = read_placement(session([cuda, CPU_PROVIDER], (cuda, ["Add"])), "unused.onnx")
+    assert none.memcpy_nodes == 0 and "Memcpy" not in none.summary()

@@ -17,10 +17,11 @@ from harness.fake_gpu import FakeCudaFactory, library_report
 from harness.server import server_settings
 from harness.tiny_models import LSTM_NAME, TRANSFORMER_NAME
 
+from service.client import from_model_info
 from service.repo.layout import latest_version
 from service.repo.manifest import MANIFEST_FILE
 from service.server.cuda_libraries import DriverStatus
-from service.server.metrics import ServingMetrics
+from service.server.metrics import ModelLabels, ServingMetrics
 from service.server.registry import ModelRegistry
 from service.server.runtime import (
     CPU,
@@ -175,7 +176,65 @@ def test_an_error_creating_one_session_does_not_condemn_the_gpu(tiny_repository:
     assert session.device == "cpu" and session.selection.fallback_kind == "cuda_session_error"
     assert "out of memory" in session.selection.fallback_reason
     _load(tiny_repository, builder, TRANSFORMER_NAME)  # the next model tries CUDA again
-    assert [device for device, _ in factory.calls].count("cuda") == 2
+    assert [device for device, _ in factory.calls].count("cuda") == 4  # fp16, fp32 each
+
+
+# --- the fallback chain: CUDA fp16, CUDA fp32, CPU ------------------------------------------
+
+
+@pytest.mark.parametrize("mode, why", [
+    ("raises", "creating the CUDA session failed: RuntimeError: CUDA failure 2: out of memory"),
+    ("run-fails", "failed on CUDA running the evaluation slice: RuntimeError: CUDNN failure"),
+], ids=["at-creation", "at-the-re-gate"])
+@pytest.mark.parametrize("device", ["auto", "cuda"])
+def test_fp16_that_fails_on_cuda_is_followed_by_fp32_on_cuda(tiny_repository: Path, mode: str,
+                                                             why: str, device: str) -> None:
+    factory = FakeCudaFactory(fails={"fp16": mode})
+    loaded = _load(tiny_repository, _builder(tiny_repository, factory, device=device))
+    session = loaded.session
+    assert (session.device, session.precision) == ("cuda:0", "fp32")
+    assert session.selection.fallback_reason == "" and not session.fell_back_from_cuda
+    reason = session.selection.precision_reason
+    assert reason.startswith(f"fp32: fp16 failed on CUDA ({why}")
+    assert reason.endswith("); the reference precision")
+    assert factory.calls[-1] == ("cuda", "model.fp32.onnx")
+    assert all(device == "cuda" for device, _ in factory.calls)
+    assert to_model_info(_view(loaded)).precision_reason == reason
+
+
+def test_when_fp32_fails_on_cuda_too_each_step_is_named(tiny_repository: Path) -> None:
+    factory = FakeCudaFactory(fails={"fp16": "raises", "fp32": "run-fails"})
+    session = _load(tiny_repository, _builder(tiny_repository, factory)).session
+    assert session.device == "cpu" and session.selection.fallback_kind == "cuda_run_error"
+    reason = session.selection.fallback_reason
+    assert reason.startswith("fp16: creating the CUDA session failed: RuntimeError: CUDA")
+    assert "; fp32: failed on CUDA at warm-up: RuntimeError: CUDNN failure" in reason
+    assert factory.calls == [("cuda", "model.fp16.onnx"), ("cuda", "model.fp32.onnx"),
+                             ("cpu", "model.fp32.onnx")]
+    with pytest.raises(LoadError, match=r"device=cuda requested but CUDA cannot serve it: "
+                                        r"fp16: creating.*; fp32: failed on CUDA at warm-up"):
+        _load(tiny_repository, _builder(tiny_repository, factory, device="cuda"))
+
+
+def test_a_forced_precision_that_fails_on_cuda_is_not_substituted(tiny_repository: Path) -> None:
+    factory = FakeCudaFactory(fails={"fp16": "raises"})
+    session = _load(tiny_repository, _builder(tiny_repository, factory,
+                                              precision="fp16")).session
+    assert (session.device, session.precision) == ("cpu", "fp16")
+    assert factory.calls == [("cuda", "model.fp16.onnx"), ("cpu", "model.fp16.onnx")]
+    with pytest.raises(LoadError, match="fp16: creating the CUDA session failed"):
+        _load(tiny_repository, _builder(tiny_repository, factory, precision="fp16",
+                                        device="cuda"))
+
+
+def test_a_failed_fp32_reference_is_not_tried_again(tiny_repository: Path) -> None:
+    """fp16's re-gate opens fp32 on CUDA: when that fails, the fp32 step is already known."""
+    factory = FakeCudaFactory(fails={"fp32": "raises"})
+    session = _load(tiny_repository, _builder(tiny_repository, factory)).session
+    assert session.device == "cpu"
+    assert session.selection.fallback_reason.startswith("fp32: creating the CUDA session")
+    assert factory.calls == [("cuda", "model.fp16.onnx"), ("cuda", "model.fp32.onnx"),
+                             ("cpu", "model.fp32.onnx")]
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp16"], ids=["at-the-re-gate", "at-warm-up"])
@@ -213,11 +272,28 @@ def test_compute_ops_on_cpu_are_refused_under_cuda_and_reported_under_auto(
               TRANSFORMER_NAME)
     loaded = _load(tiny_repository, _builder(tiny_repository, factory), TRANSFORMER_NAME)
     assert loaded.session.device == "cuda:0"
-    nodes = loaded.session.selection.placement.cpu_compute_nodes
+    selection = loaded.session.selection
+    nodes = selection.placement.cpu_compute_nodes
     assert nodes and all(node.startswith("MatMul ") for node in nodes)
+    # Said where an operator looks: the precision reason, the copies ORT put around them.
+    assert f"; compute ops on CPU: {nodes[0]}" in selection.precision_reason
+    assert selection.placement.memcpy_nodes == 2 * len(nodes)
+    assert f"{2 * len(nodes)} Memcpy node(s)" in selection.placement.summary()
     info = to_model_info(_view(loaded))
     assert list(info.cpu_compute_nodes) == nodes
+    assert info.precision_reason == selection.precision_reason
+    assert info.memcpy_nodes == 2 * len(nodes)
+    assert from_model_info(info).memcpy_nodes == 2 * len(nodes)  # the client reads it
     assert {p.provider for p in info.placement} == {CPU, CUDA}
+    metrics = ServingMetrics()
+    labels = {"model": TRANSFORMER_NAME, "version": "1", "architecture": "transformer",
+              "precision": loaded.session.precision, "device": "cuda:0"}
+    metrics.model(ModelLabels(**labels)).device_selected(selection)
+    sample = metrics.registry.get_sample_value
+    assert sample("seqserve_cpu_compute_nodes", labels) == len(nodes)
+    assert sample("seqserve_memcpy_nodes", labels) == 2 * len(nodes)
+    metrics.remove_model(ModelLabels(**labels))  # a swapped-out version's series go with it
+    assert sample("seqserve_memcpy_nodes", labels) is None
 
 
 def test_the_embedding_gather_on_cpu_is_compute_but_shape_gathers_are_not(
@@ -263,6 +339,7 @@ def test_sighup_moves_a_model_that_fell_back_onto_cuda(tiny_repository: Path) ->
     assert sample("seqserve_device_gate_passed", gpu | {"candidate": "fp16"}) == 1
     assert sample("seqserve_device_gate_agreement", gpu | {"candidate": "fp16"}) == 1.0
     assert sample("seqserve_cpu_compute_nodes", gpu) == 0
+    assert sample("seqserve_memcpy_nodes", gpu) == 0
     assert sample("seqserve_cuda_library_missing", {"library": "libcurand.so.10"}) == 0
     assert sample("seqserve_device_fallback", cpu | {"reason": "missing_cuda_library"}) is None
 
@@ -322,6 +399,7 @@ def test_get_model_over_grpc_tells_where_and_why(tiny_repository: Path, start_se
     assert model.device_gate["passed"] and model.device_gate["chosen_precision"] == "fp16"
     assert model.device_gate["examples"] > 0 and model.device_gate["agreement"] == 1.0
     assert set(model.placement) == {CPU, CUDA} and model.cpu_compute_nodes == []
+    assert model.memcpy_nodes == 0 and "compute ops on CPU" not in model.precision_reason
     missing = _builder(tiny_repository, FakeCudaFactory(), model_versions={LSTM_NAME: 1},
                        report=library_report(missing=("libcudnn.so.9",)))
     with start_server(missing.settings, builder=missing).client() as client:

@@ -52,11 +52,13 @@ def test_auto_serves_int8_on_cpu_only_where_every_gate_passed(tiny_repository: P
     assert choose_artifact(old, "auto-int8", "cpu")[0].precision == "int8"
     artifact, why = choose_artifact(_with_int8(manifest, passed=False), "int8", "cpu")
     assert artifact.precision == "int8" and why == "int8: forced by --precision int8"
-    # On a GPU auto means fp16 (re-gated there), with int8 only for the CPU fallback.
+    # On a GPU auto means fp16 (re-gated there), then fp32 there if fp16 fails on CUDA, with
+    # int8 only for the CPU fallback.
     plan = plan_attempts(_with_int8(manifest), server_settings(tiny_repository, device="auto",
                                                                precision="auto"),
                          ["CUDAExecutionProvider", CPU])
     assert [(a.device, a.artifact.precision) for a in plan] == [("cuda", "fp16"),
+                                                                 ("cuda", "fp32"),
                                                                  ("cpu", "int8")]
 
 

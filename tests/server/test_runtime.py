@@ -8,7 +8,9 @@ failure paths in detail are in ``test_device_selection.py``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from service.repo.layout import latest_version
 from service.repo.manifest import Manifest
 from service.repo.serving_config import ServingConfig
 from service.repo.tokenization import TextTokenizer
+from service.server import ort_logging
 from service.server.cuda_libraries import probe
 from service.server.runtime import (
     CPU,
@@ -37,7 +40,13 @@ from service.server.runtime import (
     plan_attempts,
     session_options,
 )
-from service.server.sessions import FALLBACK_REASONS, cuda_provider_options, providers_for
+from service.server.sessions import (
+    FALLBACK_REASONS,
+    TF32_OVERRIDE,
+    cuda_provider_options,
+    pin_tf32_override,
+    providers_for,
+)
 from service.server.settings import ServeSettings, ShadowRule
 from service.server.threads import choose_threads
 
@@ -65,14 +74,21 @@ def test_auto_uses_cuda_and_fp16_when_cuda_really_starts(tiny_repository: Path) 
     assert session.selection.fallback_reason == ""
 
 
-@pytest.mark.parametrize("cuda", ["cpu", "raises"], ids=["silent-cpu-fallback", "raises"])
+@pytest.mark.parametrize("cuda, tried", [
+    ("cpu", ["fp16"]),  # the machine's fault: CUDA fp32 is not tried
+    ("raises", ["fp16", "fp32"]),  # this model's: CUDA fp32 is, before CPU
+], ids=["silent-cpu-fallback", "raises"])
 def test_auto_falls_back_to_cpu_fp32_when_cuda_does_not_start(tiny_repository: Path,
-                                                              cuda: str) -> None:
+                                                              cuda: str,
+                                                              tried: list[str]) -> None:
     builder, factory, model, manifest, tokenizer = _build(tiny_repository, cuda, device="auto")
     session = builder.create(model, manifest, tokenizer)
     assert (session.device, session.precision) == ("cpu", "fp32")
-    assert factory.calls == [("cuda", "model.fp16.onnx"), ("cpu", "model.fp32.onnx")]
+    assert factory.calls == [("cuda", f"model.{p}.onnx") for p in tried] + [
+        ("cpu", "model.fp32.onnx")]
     assert session.selection.fallback_reason and session.fell_back_from_cuda
+    # Each CUDA step that failed is named, in order.
+    assert re.findall(r"(?:^|; )(fp\d+): ", session.selection.fallback_reason) == tried
 
 
 def test_a_machine_whose_cuda_cannot_start_is_not_tried_again(tiny_repository: Path) -> None:
@@ -128,6 +144,21 @@ def test_only_artifacts_that_passed_their_gates_are_served_unless_forced(
         ("cpu", "fp16")]
 
 
+def test_auto_plans_cuda_fp16_then_cuda_fp32_then_cpu(tiny_repository: Path) -> None:
+    manifest = latest_version(tiny_repository, LSTM_NAME).load_manifest()
+    cuda = [CUDA, CPU]
+    assert _plan(manifest, cuda, device="auto") == [
+        ("cuda", "fp16"), ("cuda", "fp32"), ("cpu", "fp32")]
+    plan = plan_attempts(manifest, server_settings(Path("."), device="auto", precision="auto"),
+                         cuda)
+    assert [a.after_cuda_failure for a in plan] == [False, True, False]
+    assert _plan(manifest, cuda, device="cuda") == [("cuda", "fp16"), ("cuda", "fp32")]
+    # Forced precisions are not substituted; a fp32 that failed its gates is no fallback.
+    assert _plan(manifest, cuda, device="auto", precision="fp16") == [
+        ("cuda", "fp16"), ("cpu", "fp16")]
+    assert _plan(_gated(manifest, False, True), cuda, device="cuda") == [("cuda", "fp16")]
+
+
 def test_cuda_sessions_run_through_the_plain_run_path(tiny_repository: Path) -> None:
     """No IOBinding: a CUDA session is run exactly like a CPU one (see sessions.py)."""
     model = latest_version(tiny_repository, LSTM_NAME)
@@ -137,13 +168,23 @@ def test_cuda_sessions_run_through_the_plain_run_path(tiny_repository: Path) -> 
     assert logits.dtype == np.float32 and logits.shape == (2, 2) and fake.runs == 1
 
 
-def test_real_onnxruntime_on_this_machine(tiny_repository: Path) -> None:
+def test_real_onnxruntime_on_this_machine(tiny_repository: Path,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
     """Real providers, and the outcome predicted from the machine before loading: with no GPU
-    device node (CI), auto lands on CPU + fp32 even where onnxruntime-gpu lists CUDA."""
+    device node (CI), auto lands on CPU + fp32 even where onnxruntime-gpu lists CUDA, and ORT,
+    at its own WARNING level, prints nothing: no CUDA session is attempted without libraries."""
     gpu_present = any(Path("/dev").glob("nvidia[0-9]*"))
     settings = server_settings(tiny_repository, device="auto", precision="auto")
     builder = SessionBuilder(settings)
-    loaded = load_version(latest_version(tiny_repository, LSTM_NAME), settings, builder)
+    previous = ort_logging.set_severity(2)
+    try:
+        capfd.readouterr()
+        loaded = load_version(latest_version(tiny_repository, LSTM_NAME), settings, builder)
+        printed = capfd.readouterr()
+    finally:
+        ort_logging.set_severity(previous)
+    if not gpu_present:
+        assert "onnxruntime" not in printed.err + printed.out
     expected = ("cuda:0", "fp16") if gpu_present else ("cpu", "fp32")
     assert (loaded.session.device, loaded.session.precision) == expected
     if not gpu_present:
@@ -213,14 +254,61 @@ def test_cuda_sessions_get_one_thread_no_tf32_and_the_arena_settings(
     assert choose_threads(manifest, setting=4, config=ServingConfig(),
                           cuda=True).threads == 4  # an explicit value wins
     assert session_options(settings, threads=4).intra_op_num_threads == 4
+    # Strict SkipLayerNormalization on every CUDA session: fp32 accumulation in fp16 graphs.
     assert cuda_provider_options(settings) == {
         "device_id": "1", "use_tf32": "0", "arena_extend_strategy": "kSameAsRequested",
-        "gpu_mem_limit": str(2 << 30)}
+        "enable_skip_layer_norm_strict_mode": "1", "gpu_mem_limit": str(2 << 30)}
     tf32 = cuda_provider_options(server_settings(tiny_repository, cuda_use_tf32=True,
                                                  cuda_arena_extend_strategy="kNextPowerOfTwo"))
-    assert tf32 == {"device_id": "0", "use_tf32": "1", "arena_extend_strategy": "kNextPowerOfTwo"}
+    assert tf32 == {"device_id": "0", "use_tf32": "1", "arena_extend_strategy": "kNextPowerOfTwo",
+                    "enable_skip_layer_norm_strict_mode": "1"}
     assert providers_for("cuda", settings)[0] == (CUDA, cuda_provider_options(settings))
     assert providers_for("cpu", settings) == [CPU]
+
+
+def _without_tf32_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Set, then deleted: monkeypatch restores the process's own value (or its absence) after.
+    monkeypatch.setenv(TF32_OVERRIDE, "placeholder")
+    monkeypatch.delenv(TF32_OVERRIDE)
+
+
+def test_tf32_off_sets_the_override_unless_the_environment_has_one(
+        tiny_repository: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    off = server_settings(tiny_repository)
+    on = server_settings(tiny_repository, cuda_use_tf32=True)
+    _without_tf32_override(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="service.server.sessions"):
+        assert pin_tf32_override(on) == "" and TF32_OVERRIDE not in os.environ
+        assert "NVIDIA_TF32_OVERRIDE=0 set" in pin_tf32_override(off)
+    assert os.environ[TF32_OVERRIDE] == "0"
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+    assert pin_tf32_override(off) == ""  # already 0: nothing more to say
+    assert "overriding cuda_use_tf32" in pin_tf32_override(on)  # 0 wins over the setting
+    monkeypatch.setenv(TF32_OVERRIDE, "1")  # the operator's own value is kept
+    assert "kept from the environment" in pin_tf32_override(off)
+    assert os.environ[TF32_OVERRIDE] == "1"
+
+
+def test_the_builder_pins_tf32_before_the_cuda_libraries_load(
+        tiny_repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_tf32_override(monkeypatch)
+    seen: list[str | None] = []
+
+    def probe() -> Any:
+        seen.append(os.environ.get(TF32_OVERRIDE))
+        return library_report()
+
+    builder, factory, model, manifest, tokenizer = _build(tiny_repository, "works",
+                                                          device="auto")
+    builder.probe_libraries = probe
+    builder.create(model, manifest, tokenizer)
+    assert seen == ["0"]
+    for _, providers in factory.options:  # and every CUDA session is strict
+        assert providers[0][1]["enable_skip_layer_norm_strict_mode"] == "1"
+    cpu, *_ = _build(tiny_repository, "works", device="cpu", cuda_use_tf32=False)
+    monkeypatch.delenv(TF32_OVERRIDE)
+    assert not cpu.cuda_may_start() and TF32_OVERRIDE not in os.environ  # no CUDA, no pin
 
 
 def test_length_buckets() -> None:

@@ -169,7 +169,7 @@ class FailedVersion(_message.Message):
     def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes", "precision_reason", "intra_op_threads", "intra_op_threads_reason", "fused_ops", "distillation")
+    __slots__ = ("name", "version", "available_versions", "architecture", "precision", "device", "providers", "labels", "max_length", "state", "evaluation", "load_seconds", "created_at", "failed_versions", "max_texts_per_request", "source", "device_fallback_reason", "device_gate", "placement", "cpu_compute_nodes", "precision_reason", "intra_op_threads", "intra_op_threads_reason", "fused_ops", "distillation", "memcpy_nodes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class ModelInfo(_message.Message):
     INTRA_OP_THREADS_REASON_FIELD_NUMBER: _ClassVar[int]
     FUSED_OPS_FIELD_NUMBER: _ClassVar[int]
     DISTILLATION_FIELD_NUMBER: _ClassVar[int]
+    MEMCPY_NODES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     available_versions: _containers.RepeatedScalarFieldContainer[int]
@@ -220,7 +221,8 @@ class ModelInfo(_message.Message):
     intra_op_threads_reason: str
     fused_ops: _containers.RepeatedCompositeFieldContainer[FusedOp]
     distillation: Distillation
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., intra_op_threads_reason: _Optional[str] = ..., fused_ops: _Optional[_Iterable[_Union[FusedOp, _Mapping]]] = ..., distillation: _Optional[_Union[Distillation, _Mapping]] = ...) -> None: ...
+    memcpy_nodes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., available_versions: _Optional[_Iterable[int]] = ..., architecture: _Optional[str] = ..., precision: _Optional[str] = ..., device: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., labels: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., state: _Optional[_Union[ModelState, str]] = ..., evaluation: _Optional[_Union[Evaluation, _Mapping]] = ..., load_seconds: _Optional[float] = ..., created_at: _Optional[str] = ..., failed_versions: _Optional[_Iterable[_Union[FailedVersion, _Mapping]]] = ..., max_texts_per_request: _Optional[int] = ..., source: _Optional[str] = ..., device_fallback_reason: _Optional[str] = ..., device_gate: _Optional[_Union[DeviceGate, _Mapping]] = ..., placement: _Optional[_Iterable[_Union[NodePlacement, _Mapping]]] = ..., cpu_compute_nodes: _Optional[_Iterable[str]] = ..., precision_reason: _Optional[str] = ..., intra_op_threads: _Optional[int] = ..., intra_op_threads_reason: _Optional[str] = ..., fused_ops: _Optional[_Iterable[_Union[FusedOp, _Mapping]]] = ..., distillation: _Optional[_Union[Distillation, _Mapping]] = ..., memcpy_nodes: _Optional[int] = ...) -> None: ...
 
 class Distillation(_message.Message):
     __slots__ = ("teacher_name", "teacher_version", "teacher_sha256", "teacher_kind", "teacher_architecture", "teacher_precision", "teacher_test_accuracy", "loss", "transfer_texts", "transfer_training", "transfer_augmented", "transfer_unlabelled", "augmentation")

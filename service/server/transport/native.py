@@ -135,6 +135,7 @@ def to_model_info(view: ModelView) -> pb.ModelInfo:
     info.placement.extend(pb.NodePlacement(provider=provider, nodes=count)
                           for provider, count in sorted(selection.placement.nodes.items()))
     info.cpu_compute_nodes.extend(selection.placement.cpu_compute_nodes)
+    info.memcpy_nodes = selection.placement.memcpy_nodes
     if selection.gate is not None:
         info.device_gate.CopyFrom(to_device_gate(selection.gate))
     return info
