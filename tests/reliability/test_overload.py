@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from harness import loadgen
-from harness.metrics import scrape, total
+from harness.metrics import Samples, scrape, total
 from harness.processes import serve_process
 from harness.reliability import rss_mb, scaled
 from harness.server import free_port, wait_until
@@ -18,6 +18,18 @@ from harness.tiny_models import LSTM_NAME
 
 DEADLINE_S = 5.0
 SHED_CODES = ("RESOURCE_EXHAUSTED", "CANCELLED")
+
+
+def _offer(target: str, metrics_port: int, pid: int, rate: float, seconds: float,
+           generators: int = 3) -> tuple[list[loadgen.Call], float, Samples]:
+    """``rate`` calls/s from ``generators`` processes for ``seconds``; every call, the server's
+    RSS once it has nothing in flight, and its metrics then."""
+    running = [loadgen.start(target, LSTM_NAME, rate / generators, seconds, DEADLINE_S)
+               for _ in range(generators)]
+    calls = [call for generator in running for call in loadgen.collect(generator, 300)]
+    wait_until(lambda: total(scrape(metrics_port), "seqserve_inflight_requests") == 0,
+               timeout=30)
+    return calls, rss_mb(pid), scrape(metrics_port)
 
 
 def test_three_times_capacity_is_shed_fast(tiny_repository: Path, figures) -> None:
@@ -34,15 +46,9 @@ def test_three_times_capacity_is_shed_fast(tiny_repository: Path, figures) -> No
         capacity = len(closed) / scaled(4, 20)
         unloaded_p99 = float(np.percentile([call.latency for call in closed], 99))
 
-        seconds, generators = scaled(6, 30), 3
-        offered_rate = 3 * capacity
-        running = [loadgen.start(target, LSTM_NAME, offered_rate / generators, seconds,
-                                 DEADLINE_S) for _ in range(generators)]
-        calls = [call for generator in running for call in loadgen.collect(generator, 300)]
-        wait_until(lambda: total(scrape(metrics_port), "seqserve_inflight_requests") == 0,
-                   timeout=30)
-        after_rss = rss_mb(process.pid)
-        samples = scrape(metrics_port)
+        seconds, offered_rate = scaled(6, 30), 3 * capacity
+        calls, after_rss, samples = _offer(target, metrics_port, process.pid, offered_rate,
+                                           seconds)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
@@ -103,14 +109,9 @@ def test_three_times_a_model_bound_capacity_keeps_the_accepted_latency(tiny_repo
         capacity = MAX_BATCH_TEXTS / MODEL_BOUND_BATCH_S
         unloaded_p99 = float(np.percentile([call.latency for call in closed], 99))
 
-        seconds, generators = scaled(10, 30), 3
-        running = [loadgen.start(target, LSTM_NAME, 3 * capacity / generators, seconds,
-                                 DEADLINE_S) for _ in range(generators)]
-        calls = [call for generator in running for call in loadgen.collect(generator, 300)]
-        wait_until(lambda: total(scrape(metrics_port), "seqserve_inflight_requests") == 0,
-                   timeout=30)
-        after_rss = rss_mb(process.pid)
-        samples = scrape(metrics_port)
+        seconds = scaled(10, 30)
+        calls, after_rss, samples = _offer(target, metrics_port, process.pid, 3 * capacity,
+                                           seconds)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
