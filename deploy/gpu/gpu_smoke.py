@@ -131,17 +131,16 @@ def tiny_graph(float16: bool) -> Any:
 def run_tiny(device: str, float16: bool, directory: Path) -> dict[str, Any]:
     """The tiny graph in one precision with the server's options; its outputs for comparison."""
     import onnx
-    import onnxruntime as ort
 
     from service.server.placement import read_placement
-    from service.server.sessions import providers_for, session_options
+    from service.server.sessions import ort_session_factory, providers_for, session_options
     from service.server.settings import ServeSettings
 
     path = directory / f"smoke.{'fp16' if float16 else 'fp32'}.onnx"
     onnx.save(tiny_graph(float16), path)
     settings = ServeSettings()
-    session = ort.InferenceSession(str(path), session_options(settings, threads=1),
-                                   providers=providers_for(device, settings))
+    session = ort_session_factory(str(path), session_options(settings, threads=1),
+                                  providers_for(device, settings))
     x = np.random.default_rng(1).normal(0, 1, (4, 12, FEATURES))
     logits = session.run(None, {"x": x.astype(np.float16 if float16 else np.float32)})[0]
     placement = read_placement(session, str(path))

@@ -44,14 +44,7 @@ from service.server.device_gate import (
     regate,
 )
 from service.server.placement import read_placement
-from service.server.planning import (
-    PREFERENCES,
-    Attempt,
-    after_failures,
-    choose_artifact,
-    effective_precision,
-    plan_attempts,
-)
+from service.server.planning import Attempt, after_failures, effective_precision, plan_attempts
 from service.server.sessions import (
     CPU,
     CUDA,
@@ -69,9 +62,8 @@ from service.server.sessions import (
 from service.server.settings import ServeSettings
 from service.server.threads import choose_threads
 
-__all__ = ["CPU", "CUDA", "PREFERENCES", "Attempt", "LoadError", "LoadedVersion",
-           "ModelSession", "SessionBuilder", "choose_artifact", "effective_precision",
-           "length_buckets", "load_version", "plan_attempts", "session_options"]
+__all__ = ["CPU", "CUDA", "LoadError", "LoadedVersion", "ModelSession", "SessionBuilder",
+           "length_buckets", "load_version", "session_options"]
 
 log = logging.getLogger(__name__)
 

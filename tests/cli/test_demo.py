@@ -14,7 +14,7 @@ from harness.tiny_models import LSTM_NAME, PRETRAINED_NAME, TRANSFORMER_NAME
 from service.cli.exit_codes import ExitCode
 from service.cli.main import main
 from service.repo.layout import latest_version
-from service.server.runtime import choose_artifact
+from service.server.planning import choose_artifact
 
 DEFAULT_NAMES = {LSTM_NAME: "sentiment-lstm", TRANSFORMER_NAME: "sentiment-transformer",
                  PRETRAINED_NAME: "sentiment-pretrained"}

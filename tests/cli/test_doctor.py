@@ -19,7 +19,7 @@ from service.repo.layout import latest_version
 from service.server.cuda_libraries import probe
 from service.server.doctor import run_doctor
 from service.server.doctor_text import render
-from service.server.runtime import choose_artifact
+from service.server.planning import choose_artifact
 from service.server.sessions import CPU, CUDA
 
 CUDA_WORKS_HERE = CUDA in ort.get_available_providers() and probe().usable

@@ -225,7 +225,7 @@ def test_an_int8_that_is_not_faster_than_fp32_fails_its_gate(runs, tmp_path):
     assert all(0 < a["speedup_vs_fp32"] < 1e6 for a in result.int8_attempts)
     assert not result.manifest.artifact("int8").passed_gates
     # ...and auto then serves fp32 on CPU, saying why.
-    from service.server.runtime import choose_artifact
+    from service.server.planning import choose_artifact
 
     artifact, why = choose_artifact(result.manifest, "auto", "cpu")
     assert artifact.precision == "fp32" and "int8 failed its export gates" in why

@@ -22,6 +22,7 @@ from service.repo.layout import latest_version
 from service.repo.manifest import MANIFEST_FILE
 from service.server.cuda_libraries import DriverStatus
 from service.server.metrics import ModelLabels, ServingMetrics
+from service.server.planning import choose_artifact
 from service.server.registry import ModelRegistry
 from service.server.runtime import (
     CPU,
@@ -29,7 +30,6 @@ from service.server.runtime import (
     LoadedVersion,
     LoadError,
     SessionBuilder,
-    choose_artifact,
 )
 from service.server.runtime import load_version as real_load_version
 from service.server.transport.native import to_model_info

@@ -17,7 +17,8 @@ from service.repo.layout import latest_version
 from service.repo.manifest import ComputeCost, Manifest, ManifestError
 from service.repo.serving_config import SERVING_CONFIG_FILE, ServingConfig, read_serving_config
 from service.server.doctor import run_doctor
-from service.server.runtime import CPU, choose_artifact, plan_attempts
+from service.server.planning import choose_artifact, plan_attempts
+from service.server.runtime import CPU
 from service.server.threads import (
     COMPUTE_BOUND_FLOPS_PER_TOKEN,
     COMPUTE_BOUND_FP32_BYTES,

@@ -29,6 +29,7 @@ from service.repo.serving_config import ServingConfig
 from service.repo.tokenization import TextTokenizer
 from service.server import ort_logging
 from service.server.cuda_libraries import probe
+from service.server.planning import plan_attempts
 from service.server.runtime import (
     CPU,
     CUDA,
@@ -37,7 +38,6 @@ from service.server.runtime import (
     SessionBuilder,
     length_buckets,
     load_version,
-    plan_attempts,
     session_options,
 )
 from service.server.sessions import (
